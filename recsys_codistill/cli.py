@@ -1,2 +1,187 @@
-def main() -> None:  # replaced below
-    pass
+"""``recsys-codistill``: the command line. Each sub-command is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from data_pipeline.synthetic import generate
+
+    summary = generate(a.out, a.rows, a.seed, num_files=a.files, progress=True)
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=2))
+    return 0
+
+
+def _cmd_ingest(a: argparse.Namespace) -> int:
+    from data_pipeline.preprocess import ingest
+
+    manifest = ingest(
+        a.inputs,
+        a.out,
+        valid_fraction=a.valid_fraction,
+        split=a.split,
+        seed=a.seed,
+        rows_per_file=a.rows_per_file,
+        row_group_size=a.row_group_size,
+        overwrite=a.overwrite,
+        progress=True,
+    )
+    keys = ("rows_in", "rows_ok", "rows_rejected", "rows", "positive_rate")
+    print(json.dumps({k: manifest[k] for k in keys if k in manifest}, indent=2))
+    print(f"wrote {a.out}")
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from data_pipeline.preprocess import export_tsv
+
+    rows = export_tsv(a.parquet_dir, a.out)
+    print(f"wrote {rows} rows to {a.out}")
+    return 0
+
+
+def _load(a: argparse.Namespace):  # noqa: ANN202
+    from recsys_codistill.config import load_config
+
+    overrides = list(a.set or [])
+    if getattr(a, "run_dir", None):
+        overrides.append(f"run_dir={json.dumps(a.run_dir)}")
+    return load_config(a.config, overrides)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from recsys_codistill.config import to_toml
+    from recsys_codistill.launch import launch
+
+    cfg = _load(a)
+    print("# resolved config\n" + to_toml(cfg), flush=True)
+    code = launch(cfg)
+    if code == 0:
+        print(f"run directory: {cfg.run_dir}")
+    return code
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from recsys_codistill.predict import predict
+
+    for path in predict(a.run, a.data, a.out, group=a.group, batch_size=a.batch_size):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from recsys_codistill.evaluation import evaluate, format_table, write_json
+
+    result = evaluate(
+        a.pred,
+        names=a.name,
+        threshold=a.threshold,
+        bootstrap=a.bootstrap,
+        seed=a.seed,
+        data_dir=a.data,
+        feature=a.feature,
+    )
+    print(format_table(result))
+    if a.out:
+        write_json(result, a.out)
+        print(f"wrote {a.out}")
+    return 0
+
+
+def _cmd_study(a: argparse.Namespace) -> int:
+    from recsys_codistill.study import run_study
+
+    report = run_study(a.config, overrides=a.set or [])
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from recsys_codistill.study import run_demo
+
+    report = run_demo(a.out, overrides=a.set or [])
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recsys-codistill", description="Sparse CTR training with online codistillation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic Criteo-format data set with a known optimum")
+    s.add_argument("--rows", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--files", type=int, default=1, help="number of .tsv.gz files")
+    s.set_defaults(fn=_cmd_synth)
+
+    s = sub.add_parser("ingest", help="Criteo TSV/.gz/CSV -> Parquet shards + manifest + rejects")
+    s.add_argument("inputs", nargs="+")
+    s.add_argument("--out", required=True)
+    s.add_argument("--valid-fraction", type=float, default=0.0, help="hold out this fraction as valid/")
+    s.add_argument("--split", choices=["time", "hash"], default="time", help="time = last rows in file order")
+    s.add_argument("--seed", type=int, default=0, help="seed of the hash split")
+    s.add_argument("--rows-per-file", type=int, default=1_000_000)
+    s.add_argument("--row-group-size", type=int, default=8192)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=_cmd_ingest)
+
+    s = sub.add_parser("export", help="ingested Parquet -> Criteo TSV (.gz by extension)")
+    s.add_argument("parquet_dir")
+    s.add_argument("out")
+    s.set_defaults(fn=_cmd_export)
+
+    for name, fn, helptext in (
+        ("train", _cmd_train, "train one group, or num_groups co-distilling groups"),
+        ("study", _cmd_study, "baseline / ensemble / codistillation churn study with a report"),
+    ):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--config", required=name == "study")
+        s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+        if name == "train":
+            s.add_argument("--run-dir", help="shorthand for --set run_dir=...")
+        s.set_defaults(fn=fn)
+
+    s = sub.add_parser("predict", help="predict a data set with one run (or an ensemble of several)")
+    s.add_argument("--run", action="append", required=True, help="run directory (repeat for an ensemble)")
+    s.add_argument("--data", required=True, help="ingested Parquet directory")
+    s.add_argument("--out", required=True, help="predictions .parquet")
+    s.add_argument("--group", type=int, default=0, help="which group's model of a codistillation run")
+    s.add_argument("--batch-size", type=int, default=8192)
+    s.set_defaults(fn=_cmd_predict)
+
+    s = sub.add_parser("eval", help="quality per model and churn between every pair of prediction files")
+    s.add_argument("--pred", action="append", required=True)
+    s.add_argument("--name", action="append", help="display name per --pred")
+    s.add_argument("--threshold", type=float, help="flip-rate threshold (default: base rate)")
+    s.add_argument("--bootstrap", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data", help="ingested Parquet dir for per-feature-frequency churn")
+    s.add_argument("--feature", default="C1")
+    s.add_argument("--out", help="write the full result as JSON")
+    s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("demo", help="the study on the embedded synthetic data, end to end")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    s.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from recsys_codistill.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"recsys-codistill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Atomic, resumable training checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout under ``<group dir>/checkpoints/``::
+
+    step_00000200/            complete checkpoint (renamed into place only after every rank finished)
+        .metadata, __0_0.distcp, ...   DCP: model + optimizer (incl. fused sparse state) + step
+        rank00000.pt          per-rank train state: loader cursor (JSON text) and RNG states (tensors)
+    .tmp-step_00000400/       being written; never read, removed on the next save
+
+A checkpoint is written to a temp dir by all ranks, then rank 0 renames it, so a job killed mid-save
+leaves the previous checkpoint as the latest. Everything is loaded with ``weights_only`` semantics:
+DCP's reader and ``torch.load(weights_only=True)`` for the per-rank file (tensors and plain strings only).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from recsys_codistill.config import CheckpointConfig
+
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temp dirs and anything else are ignored)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / ".metadata").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class Checkpointer:
+    """Saves and restores (model, optimizer, loader cursor, step, RNG) for one group."""
+
+    def __init__(self, ckpt_dir: str | Path, cfg: CheckpointConfig) -> None:
+        self.dir = Path(ckpt_dir)
+        self.cfg = cfg
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: Any,
+        loader_state: dict[str, Any],
+    ) -> Path:
+        rank = _rank()
+        final = self.dir / f"step_{step:08d}"
+        tmp = self.dir / f".tmp-step_{step:08d}"
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        _barrier()
+        state = {"model": model.state_dict(), "step": torch.tensor(step)}
+        if optimizer is not None:
+            state["optim"] = optimizer.state_dict()
+        dcp.save(state, checkpoint_id=str(tmp))
+        torch.save(
+            {
+                "loader": json.dumps(loader_state, sort_keys=True),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0),
+                "step": torch.tensor(step),
+            },
+            tmp / f"rank{rank:05d}.pt",
+        )
+        _barrier()
+        if rank == 0:
+            if final.exists():  # a re-save of the same step (e.g. final save right after a periodic one)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for _, old in list_checkpoints(self.dir)[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def load(self, path: str | Path, model: nn.Module, optimizer: Any) -> tuple[int, dict[str, Any]]:
+        """Restore in place; returns (step, this rank's loader state)."""
+        path = Path(path)
+        state: dict[str, Any] = {"model": model.state_dict(), "step": torch.tensor(0)}
+        if optimizer is not None:
+            state["optim"] = optimizer.state_dict()
+        dcp.load(state, checkpoint_id=str(path))
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optim"])
+        rank_file = path / f"rank{_rank():05d}.pt"
+        if not rank_file.is_file():
+            raise FileNotFoundError(
+                f"{rank_file} is missing: checkpoint {path} was written by a different number of ranks; "
+                "resume with the same sharding.nproc"
+            )
+        extra = torch.load(rank_file, weights_only=True)
+        torch.set_rng_state(extra["torch_rng"])
+        if torch.cuda.is_available() and extra["cuda_rng"].numel():
+            torch.cuda.set_rng_state(extra["cuda_rng"])
+        return int(state["step"]), json.loads(extra["loader"])
+
+    def maybe_resume(self, model: nn.Module, optimizer: Any) -> tuple[int, dict[str, Any] | None, Path | None]:
+        if not self.cfg.resume:
+            return 0, None, None
+        path = latest_checkpoint(self.dir)
+        if path is None:
+            return 0, None, None
+        step, loader_state = self.load(path, model, optimizer)
+        return step, loader_state, path
+
+
+def load_model_weights(path: str | Path, model: nn.Module) -> int:
+    """Load only the model weights of a checkpoint (sharded or not) into ``model``; returns its step.
+
+    Works without a process group: DCP reshards the saved shards into plain tensors, so a model trained on
+    R ranks predicts in one process.
+    """
+    state: dict[str, Any] = {"model": model.state_dict(), "step": torch.tensor(0)}
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+    return int(state["step"])

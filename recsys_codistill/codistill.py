@@ -1,0 +1,80 @@
+"""Codistillation losses (Anil et al. 2018, Algorithm 1) and the torchrec-style train wrapper.
+
+    loss_i = BCE(y, σ(z_i)) + w · ψ(p̄_others, z_i)
+
+with p̄ the average of the other groups' (stale, frozen) teacher predictions on the same batch. During
+burn-in, and with no teacher yet, the loss is plain BCE. No gradient ever flows into a teacher: teacher
+logits are detached here even if a caller forgot ``no_grad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys_codistill.config import CodistillConfig
+
+
+@dataclass
+class LossParts:
+    bce: torch.Tensor
+    distill: torch.Tensor
+    total: torch.Tensor
+
+
+def soft_targets(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """p̄: the mean of the teachers' probabilities (N > 2 groups average all other groups)."""
+    return torch.stack([torch.sigmoid(t.detach().float()) for t in teacher_logits]).mean(0)
+
+
+def distill_term(logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
+    """ψ(teacher, student), averaged over the batch.
+
+    - ``ce``: cross entropy of the student against the soft target p̄ (the paper's choice).
+    - ``kl``: KL(p̄ ‖ σ(z)) = ce − H(p̄); same gradient as ``ce``, but 0 when the student matches.
+    - ``mse_logits``: mean squared error between the student's and the mean teacher logit.
+    """
+    if kind == "mse_logits":
+        target = torch.stack([t.detach().float() for t in teacher_logits]).mean(0)
+        return F.mse_loss(logits, target)
+    p = soft_targets(teacher_logits)
+    ce = F.binary_cross_entropy_with_logits(logits, p)
+    if kind == "ce":
+        return ce
+    if kind == "kl":
+        entropy = F.binary_cross_entropy(p, p)
+        return ce - entropy
+    raise ValueError(f"unknown distillation loss {kind!r}; expected ce, kl or mse_logits")
+
+
+def codistill_loss(
+    logits: torch.Tensor,
+    teacher_logits: Sequence[torch.Tensor] | None,
+    labels: torch.Tensor,
+    cfg: CodistillConfig,
+) -> LossParts:
+    """BCE plus the weighted distillation term; pure BCE when there is no teacher (burn-in) or w = 0."""
+    bce = F.binary_cross_entropy_with_logits(logits, labels)
+    if not teacher_logits or cfg.distill_weight == 0.0:
+        # Exactly the baseline's graph, so w = 0 reproduces the baseline bit for bit.
+        return LossParts(bce=bce, distill=torch.zeros((), device=logits.device), total=bce)
+    distill = distill_term(logits, teacher_logits, cfg.loss)
+    return LossParts(bce=bce, distill=distill, total=bce + cfg.distill_weight * distill)
+
+
+class CodistillTrain(nn.Module):
+    """torchrec ``DLRMTrain``-style wrapper: ``forward(batch, teacher_logits) -> (loss, (parts, logits, labels))``."""
+
+    def __init__(self, model: nn.Module, cfg: CodistillConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def forward(self, batch, teacher_logits: Sequence[torch.Tensor] | None = None):  # noqa: ANN001
+        logits = self.model(batch.dense_features, batch.sparse_features)
+        parts = codistill_loss(logits, teacher_logits, batch.labels.float(), self.cfg)
+        return parts.total, (parts, logits.detach(), batch.labels.detach())
