@@ -205,6 +205,9 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
         print(f"[group {group}] resumed from {resumed_from} at step {step}", flush=True)
         log.write(event="resume", step=step, path=str(resumed_from))
 
+    if exchange is not None:
+        exchange.start(model, step)
+
     valid = eval_stream(cfg, cfg.data.valid_dir, ctx) if cfg.data.valid_dir else None
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     bar = None
@@ -272,6 +275,8 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
         # checkpoint: periodically (the final one is written below).
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
             ckpt.save(step, model, optimizer, stream.state_dict())
+            if exchange is not None:
+                exchange.note_checkpoint(step)
 
     if bar is not None:
         bar.close()
@@ -281,8 +286,6 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
         q = quality(predict_stream(model, valid, ctx))
         log.write(step=step, final=True, **{f"valid_{k}": v for k, v in q.items()})
         result.update({f"valid_{k}": v for k, v in q.items()})
-    if exchange is not None:
-        exchange.finish(model, step)
     if ctx.is_main:
         (gdir / "result.json").write_text(json.dumps(result, indent=2))
     return result
