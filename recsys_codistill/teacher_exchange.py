@@ -146,7 +146,6 @@ class TeacherExchange:
         self.ctx = ctx
         self.root = Path(self.cfg.exchange_dir or Path(cfg.run_dir) / "exchange")
         self.peers = [g for g in range(self.cfg.num_groups) if g != group]
-        self.make_teacher = make_teacher
         self.teachers: dict[int, nn.Module] = {}
         self.loaded: dict[int, int] = {}
         self.fault_tolerant = cfg.sharding.max_restarts > 0
@@ -155,6 +154,15 @@ class TeacherExchange:
         self.bytes_published = 0
         self.wait_seconds = 0.0
         (self.root / f"group{group}").mkdir(parents=True, exist_ok=True)
+        # Frozen copies with the student's plan, built up front (outside no_grad: DMP's fused kernels
+        # are set up through autograd hooks). Their weights come from the first loaded version.
+        for peer in self.peers:
+            teacher = make_teacher()
+            teacher.eval()
+            for p in teacher.parameters():
+                if p.is_leaf:  # fused tables expose non-leaf views; they only run under no_grad anyway
+                    p.requires_grad_(False)
+            self.teachers[peer] = teacher
 
     # -- choosing and loading teachers -------------------------------------------------------------------
     def _wanted(self, peer: int, step: int) -> int:
@@ -187,12 +195,7 @@ class TeacherExchange:
             if self.ctx.rank == 0 and not is_complete(path, verify_checksums=True):
                 raise RuntimeError(f"teacher version {path} failed its checksum after being listed complete")
             t0 = time.perf_counter()
-            teacher = self.teachers.get(peer)
-            if teacher is None:
-                teacher = self.teachers[peer] = self.make_teacher()
-                teacher.eval()
-                for p in teacher.parameters():
-                    p.requires_grad_(False)
+            teacher = self.teachers[peer]
             state = {"model": teacher.state_dict()}
             dcp.load(state, checkpoint_id=str(path))
             teacher.load_state_dict(state["model"])

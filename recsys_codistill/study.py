@@ -1,0 +1,323 @@
+"""The churn study (Anil et al. 2018, Table 1): baseline vs ensemble vs two-way codistillation.
+
+For each of R repeats:
+- four independent baselines b0..b3 (different seeds, hence different init and data order);
+  baseline churn = churn(b0, b1); ensemble churn = churn(mean(b0, b2), mean(b1, b3));
+- two independent codistillation runs c0, c1 (two groups each); churn = churn(c0.group0, c1.group0)
+  (copy 0 of each run, as the paper);
+all predicted on a hold-out that shares no row id with the training rows (checked). Finished runs and
+predictions are reused, so an interrupted study resumes where it stopped. Output: ``report.md`` with the
+table, per-repeat values and bootstrap CIs, PNG plots, the exact configs, versions and timings.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from recsys_codistill.config import (
+    ConfigError,
+    RunConfig,
+    _build,
+    config_dict_from_sources,
+    from_dict,
+    to_dict,
+    to_toml,
+)
+
+METHODS = ("baseline", "ensemble", "codistill")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    out_dir: str = "runs/study"
+    repeats: int = 3
+    methods: tuple[str, ...] = METHODS
+    # Data: an ingested dir with train/ and valid/, or raw Criteo files to ingest, or (default) synthetic.
+    data_dir: str = ""
+    inputs: tuple[str, ...] = ()
+    synthetic_rows: int = 200_000
+    synthetic_seed: int = 0
+    valid_fraction: float = 0.2
+    split: Literal["time", "hash"] = "time"
+    seed: int = 0
+    bootstrap: int = 1000
+    # Baseline trainings run this many at a time (each with 1 thread): uses both cores of a small box.
+    parallel_runs: int = 2
+
+
+@dataclass
+class Plan:
+    study: StudyConfig
+    base: RunConfig
+    root: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyConfig, RunConfig]:
+    data = config_dict_from_sources(path, overrides)
+    study = _build(StudyConfig, data.pop("study", {}), str(path), "study.")
+    unknown = [m for m in study.methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"{path}: study.methods has {unknown}; expected a subset of {list(METHODS)}")
+    if study.repeats < 1:
+        raise ConfigError(f"{path}: study.repeats must be >= 1")
+    return study, from_dict(data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+
+
+def prepare_data(study: StudyConfig, root: Path) -> Path:
+    """An ingested data set with train/ and valid/ (made once, reused on re-runs)."""
+    if study.data_dir:
+        d = Path(study.data_dir)
+        for sub in ("train", "valid"):
+            if not (d / sub / "manifest.json").is_file():
+                raise FileNotFoundError(f"study.data_dir {d} has no {sub}/manifest.json (ingest with --valid-fraction)")
+        return d
+    from data_pipeline.preprocess import ingest
+
+    d = root / "data"
+    if (d / "manifest.json").is_file():
+        return d
+    inputs = list(study.inputs)
+    if not inputs:
+        from data_pipeline.synthetic import generate
+
+        raw = root / "raw"
+        if not (raw / "synthetic.json").is_file():
+            generate(raw, study.synthetic_rows, study.synthetic_seed)
+        inputs = sorted(str(p) for p in raw.glob("synthetic-*.tsv.gz"))
+    ingest(inputs, d, valid_fraction=study.valid_fraction, split=study.split, seed=study.seed, overwrite=True, progress=False)
+    return d
+
+
+def row_ids(data_dir: Path) -> np.ndarray:
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    parts = [pq.read_table(data_dir / f["path"], columns=["row_id"])["row_id"].to_numpy() for f in manifest["files"]]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
+def check_holdout(data: Path) -> dict[str, int]:
+    train, valid = row_ids(data / "train"), row_ids(data / "valid")
+    overlap = np.intersect1d(train, valid).size
+    if overlap:
+        raise RuntimeError(f"hold-out shares {overlap} row ids with the training rows in {data}")
+    return {"train_rows": int(train.size), "valid_rows": int(valid.size), "overlap": 0}
+
+
+# ---------------------------------------------------------------------------------------------------
+# runs
+
+
+def run_config(plan: Plan, name: str, seed: int, num_groups: int) -> RunConfig:
+    d = to_dict(plan.base)
+    d["run_dir"] = str(plan.root / "runs" / name)
+    d["train"]["seed"] = seed
+    d["train"]["progress"] = False
+    d["codistill"]["num_groups"] = num_groups
+    d["sharding"]["threads"] = d["sharding"]["threads"] or 1
+    return from_dict(d, f"<study run {name}>")
+
+
+def is_done(cfg: RunConfig) -> bool:
+    return all((Path(cfg.run_dir) / f"group{g}" / "result.json").is_file() for g in range(cfg.codistill.num_groups))
+
+
+def train_run(plan: Plan, cfg: RunConfig) -> None:
+    from recsys_codistill.launch import launch
+
+    if is_done(cfg):
+        return
+    t0 = time.perf_counter()
+    code = launch(cfg, quiet=True)
+    if code:
+        raise RuntimeError(f"training {cfg.run_dir} failed (exit {code}); see its group*/launcher.log")
+    plan.timings[Path(cfg.run_dir).name] = round(time.perf_counter() - t0, 1)
+
+
+def predictions(cfg: RunConfig, valid: Path) -> dict[str, np.ndarray]:
+    """Copy 0's predictions on the hold-out (cached next to the run)."""
+    from recsys_codistill.predict import load_run, predict_logits, write_predictions
+
+    out = Path(cfg.run_dir) / "valid_predictions.parquet"
+    if not out.is_file():
+        run_cfg, model, _ = load_run(cfg.run_dir, 0)
+        p = predict_logits(model, run_cfg, valid)
+        write_predictions(out, p["row_id"], p["label"], p["logit"])
+    t = pq.read_table(out)
+    return {c: t[c].to_numpy() for c in ("row_id", "label", "probability")}
+
+
+def learning_curve(cfg: RunConfig, group: int = 0) -> list[tuple[int, float]]:
+    path = Path(cfg.run_dir) / f"group{group}" / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        rec = json.loads(line)
+        if "valid_log_loss" in rec:
+            out.append((rec["step"], rec["valid_log_loss"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# measuring
+
+
+def quality(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    from recsys_codistill import metrics
+
+    return {
+        "log_loss": metrics.log_loss(y, p),
+        "auc": metrics.roc_auc(y, p),
+        "ne": metrics.normalized_entropy(y, p),
+        "calibration": metrics.calibration(y, p),
+    }
+
+
+def measure_pair(a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: float, study: StudyConfig, rep: int) -> dict[str, Any]:
+    from recsys_codistill.churn import align, churn_report
+
+    al = align(a["row_id"], a["probability"], b["row_id"], b["probability"])
+    report = churn_report(al.p_a, al.p_b, threshold=threshold, bootstrap=study.bootstrap, seed=study.seed * 1000 + rep)
+    y = a["label"].astype(np.float64)
+    return {
+        "quality_a": quality(y, a["probability"]),
+        "quality_b": quality(y, b["probability"]),
+        "churn": report,
+    }
+
+
+def ensemble(*members: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    for m in members[1:]:
+        if not np.array_equal(m["row_id"], members[0]["row_id"]):
+            raise ValueError("ensemble members predicted different rows")
+    return {
+        "row_id": members[0]["row_id"],
+        "label": members[0]["label"],
+        "probability": np.mean([m["probability"] for m in members], axis=0),
+    }
+
+
+def summarise(values: Sequence[float]) -> dict[str, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(v.mean()),
+        "half_range": float((v.max() - v.min()) / 2),
+        "median": float(np.median(v)),
+        "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+        "n": int(v.size),
+    }
+
+
+def bayes_reference(root: Path, valid: Path) -> dict[str, float] | None:
+    """Bayes-optimal metrics on the hold-out when the data is synthetic (truth.parquet is known)."""
+    truth = root / "raw" / "truth.parquet"
+    if not truth.is_file():
+        return None
+    t = pq.read_table(truth)
+    ids = row_ids(valid)
+    prob = t["probability"].to_numpy()[ids]
+    labels = np.concatenate(
+        [pq.read_table(valid / f["path"], columns=["label"])["label"].to_numpy() for f in json.loads((valid / "manifest.json").read_text())["files"]]
+    ).astype(np.float64)
+    return quality(labels, prob)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the study
+
+
+def run_study(config: str | Path, overrides: Sequence[str] = ()) -> Path:
+    study, base = load_study(config, overrides)
+    return run(study, base, config_text=Path(config).read_text())
+
+
+def run(study: StudyConfig, base: RunConfig, config_text: str = "") -> Path:
+    root = Path(study.out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    data = prepare_data(study, root)
+    holdout = check_holdout(data)
+    base = from_dict({**to_dict(base), "data": {**to_dict(base)["data"], "train_dir": str(data / "train"), "valid_dir": str(data / "valid")}})
+    plan = Plan(study, base, root)
+    valid = data / "valid"
+
+    # Every run of every repeat, baselines several at a time (each uses one core).
+    n_base = 4 if "ensemble" in study.methods else 2
+    baselines = {(r, i): run_config(plan, f"r{r}_baseline{i}", study.seed * 100 + 10 * r + i, 1) for r in range(study.repeats) for i in range(n_base)}
+    codistills = {}
+    if "codistill" in study.methods:
+        codistills = {(r, i): run_config(plan, f"r{r}_codistill{i}", study.seed * 100 + 10 * r + i, 2) for r in range(study.repeats) for i in range(2)}
+    with ThreadPoolExecutor(max_workers=max(1, study.parallel_runs)) as pool:
+        list(pool.map(lambda c: train_run(plan, c), baselines.values()))
+    for c in codistills.values():  # two groups = two processes already
+        train_run(plan, c)
+
+    # Measure: churn between the two runs of each method, per repeat.
+    per_repeat: dict[str, list[dict[str, Any]]] = {m: [] for m in study.methods}
+    for r in range(study.repeats):
+        b = [predictions(baselines[(r, i)], valid) for i in range(n_base)]
+        threshold = base.eval.threshold or float(np.mean(b[0]["label"]))
+        if "baseline" in study.methods:
+            per_repeat["baseline"].append(measure_pair(b[0], b[1], threshold, study, r))
+        if "ensemble" in study.methods:
+            per_repeat["ensemble"].append(measure_pair(ensemble(b[0], b[2]), ensemble(b[1], b[3]), threshold, study, r))
+        if "codistill" in study.methods:
+            c = [predictions(codistills[(r, i)], valid) for i in range(2)]
+            per_repeat["codistill"].append(measure_pair(c[0], c[1], threshold, study, r))
+
+    table = {}
+    for m, reps in per_repeat.items():
+        table[m] = {
+            "log_loss": summarise([q for x in reps for q in (x["quality_a"]["log_loss"], x["quality_b"]["log_loss"])]),
+            "auc": summarise([q for x in reps for q in (x["quality_a"]["auc"], x["quality_b"]["auc"])]),
+            "ne": summarise([q for x in reps for q in (x["quality_a"]["ne"], x["quality_b"]["ne"])]),
+            "churn": summarise([x["churn"]["mean_abs_diff"]["value"] for x in reps]),
+            "symmetric_pd": summarise([x["churn"]["symmetric_pd"]["value"] for x in reps]),
+            "flip_rate": summarise([x["churn"]["flip_rate"]["value"] for x in reps]),
+        }
+    curves = {
+        "baseline": learning_curve(baselines[(0, 0)]),
+        **({"codistill group0": learning_curve(codistills[(0, 0)], 0), "codistill group1": learning_curve(codistills[(0, 0)], 1)} if codistills else {}),
+    }
+    result = {
+        "study": to_dict(study),
+        "base_config": to_dict(base),
+        "holdout": holdout,
+        "bayes_optimal": bayes_reference(root, valid),
+        "table": table,
+        "per_repeat": per_repeat,
+        "curves": curves,
+        "timings_s": {**plan.timings, "total": round(time.perf_counter() - t_start, 1)},
+        "versions": versions(),
+    }
+    (root / "study.json").write_text(json.dumps(result, indent=1))
+    from recsys_codistill.report import write_report
+
+    return write_report(root, result, base_toml=to_toml(base), config_text=config_text)
+
+
+def versions() -> dict[str, str]:
+    import pyarrow
+    import torch
+    import torchrec
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchrec": torchrec.__version__, "pyarrow": pyarrow.__version__, "machine": platform.machine()}
+
+
+def run_demo(out: str | Path, overrides: Sequence[str] = ()) -> Path:
+    """``make demo``: the study on the embedded synthetic generator, sized for 2 CPU cores."""
+    cfg_path = Path(__file__).resolve().parents[1] / "configs" / "study_demo.toml"
+    study, base = load_study(cfg_path, [f'study.out_dir="{out}"', *overrides])
+    return run(study, base, config_text=cfg_path.read_text())
