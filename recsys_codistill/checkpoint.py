@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,9 @@ def load_model_weights(path: str | Path, model: nn.Module) -> int:
     R ranks predicts in one process.
     """
     state: dict[str, Any] = {"model": model.state_dict(), "step": torch.tensor(0)}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        # "torch.distributed is disabled ... load in a single process": exactly what we want here.
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])
     return int(state["step"])

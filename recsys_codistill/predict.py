@@ -20,6 +20,7 @@ from data_pipeline.loader import CriteoStream
 from models import build_model
 from recsys_codistill.checkpoint import latest_checkpoint, load_model_weights
 from recsys_codistill.config import RunConfig, load_config
+from recsys_codistill.sharding import quiet_library_logs
 
 
 def load_run(run_dir: str | Path, group: int = 0, device: str | torch.device = "cpu") -> tuple[RunConfig, nn.Module, int]:
@@ -33,6 +34,7 @@ def load_run(run_dir: str | Path, group: int = 0, device: str | torch.device = "
     if ckpt is None:
         raise FileNotFoundError(f"no complete checkpoint under {run_dir / f'group{group}' / 'checkpoints'}")
     m = cfg.model
+    quiet_library_logs()
     model = build_model(
         m.arch,
         table_sizes=m.resolved_table_sizes(),

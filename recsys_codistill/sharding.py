@@ -127,13 +127,20 @@ def check_plan(plan: ShardingPlan, constraints: dict[str, ParameterConstraints])
             raise RuntimeError(f"table {name} planned as {st}/{kernel}, expected {c.sharding_types}/{c.compute_kernels}")
 
 
+def quiet_library_logs() -> None:
+    """TorchRec's planner and torch.fx log several warnings per rank that users cannot act on (storage
+    estimates in dry runs, fx-tracing notes); the plan itself is printed by :func:`plan_summary`."""
+    for name in ("torchrec", "torch.fx._symbolic_trace", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def plan_summary(plan: ShardingPlan) -> str:
     lines = []
     for module_path, module_plan in plan.plan.items():
         for name, ps in module_plan.items():  # type: ignore[union-attr]
             ranks = ps.ranks if ps.ranks is not None else "all"
             lines.append(f"  {module_path or '<root>'}.{name}: {ps.sharding_type} / {ps.compute_kernel} on ranks {ranks}")
-    return "sharding plan:\n" + "\n".join(sorted(lines))
+    return "sharding plan:\n" + "\n".join(sorted(lines, key=lambda s: (len(s.split(":")[0]), s)))
 
 
 def _sparse_optimizer(cfg: OptimConfig) -> tuple[type[torch.optim.Optimizer], dict]:

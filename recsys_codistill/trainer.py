@@ -237,9 +237,10 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
         parts.total.backward()
         optimizer.step()
         step += 1
-        sum_loss += parts.total.item()
-        sum_bce += parts.bce.item()
-        sum_distill += parts.distill.item()
+        # running sums stay tensors: no per-step host sync (it matters on GPU)
+        sum_loss += parts.total.detach()
+        sum_bce += parts.bce.detach()
+        sum_distill += parts.distill.detach()
 
         # teacher exchange: publish this group's model every K steps for the peers.
         if exchange is not None:
@@ -251,9 +252,9 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
             n = step - step_last
             rec = {
                 "step": step,
-                "loss": sum_loss / n,
-                "bce": sum_bce / n,
-                "distill": sum_distill / n,
+                "loss": float(sum_loss) / n,
+                "bce": float(sum_bce) / n,
+                "distill": float(sum_distill) / n,
                 "examples_per_s": n * world_batch / (now - t_last),
                 "lr": optimizer.param_groups[-1]["lr"],
             }
@@ -274,13 +275,13 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
 
         # checkpoint: periodically (the final one is written below).
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
-            ckpt.save(step, model, optimizer, stream.state_dict())
+            ckpt.save(step, model, optimizer, stream.state_at(step))
             if exchange is not None:
                 exchange.note_checkpoint(step)
 
     if bar is not None:
         bar.close()
-    final = ckpt.save(step, model, optimizer, stream.state_dict())
+    final = ckpt.save(step, model, optimizer, stream.state_at(step))
     result: dict[str, Any] = {"group": group, "step": step, "checkpoint": str(final)}
     if valid is not None:
         q = quality(predict_stream(model, valid, ctx))

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from recsys_codistill.config import load_config
-from recsys_codistill.sharding import resolve_backend, resolve_device
+from recsys_codistill.sharding import quiet_library_logs, resolve_backend, resolve_device
 from recsys_codistill.trainer import DistContext, train
 
 
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     # TorchRec and torch emit many one-off warnings per rank (planner estimates, fx tracing): keep the
     # console readable; errors still propagate.
     warnings.filterwarnings("ignore")
+    quiet_library_logs()
     if cfg.sharding.threads:
         torch.set_num_threads(cfg.sharding.threads)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
