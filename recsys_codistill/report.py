@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 PAPER = {  # Anil et al. 2018, Table 1 (full Criteo): validation log loss and churn
     "baseline": (0.4480, 0.029),
     "ensemble": (0.4461, 0.022),
@@ -31,10 +33,10 @@ def _plot(root: Path, result: dict[str, Any]) -> list[str]:
         vals = [x["churn"]["mean_abs_diff"]["value"] for x in result["per_repeat"][m]]
         lo = [x["churn"]["mean_abs_diff"]["ci_low"] for x in result["per_repeat"][m]]
         hi = [x["churn"]["mean_abs_diff"]["ci_high"] for x in result["per_repeat"][m]]
-        ax.bar(i, sorted(vals)[len(vals) // 2], color="#9ecae1", width=0.6)
+        ax.bar(i, float(np.median(vals)), color="#9ecae1", width=0.6)
         xs = [i + (j - (len(vals) - 1) / 2) * 0.08 for j in range(len(vals))]
         if None not in lo and None not in hi:
-            ax.errorbar(xs, vals, yerr=[[v - a for v, a in zip(vals, lo)], [b - v for v, b in zip(vals, hi)]], fmt="o", color="k", ms=3, lw=0.8)
+            ax.errorbar(xs, vals, yerr=[[v - a for v, a in zip(vals, lo, strict=True)], [b - v for v, b in zip(vals, hi, strict=True)]], fmt="o", color="k", ms=3, lw=0.8)
         else:
             ax.plot(xs, vals, "ko", ms=3)
     ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], fontsize=8)
