@@ -49,6 +49,31 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+_WRAPPER_PREFIX = "model."
+
+
+def _is_wrapped(model: nn.Module) -> bool:
+    """True for DMP(CodistillTrain(model)), the layout TrainPipelineSparseDist needs."""
+    from recsys_codistill.codistill import CodistillTrain
+
+    return isinstance(getattr(model, "module", None), CodistillTrain)
+
+
+def model_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The model's state dict under the bare model's keys, whether or not it is wrapped for the pipeline,
+    so checkpoints and exchanged teachers are interchangeable between the two training loops."""
+    sd = model.state_dict()
+    if _is_wrapped(model):
+        sd = {k[len(_WRAPPER_PREFIX) :]: v for k, v in sd.items()}
+    return sd
+
+
+def load_model_state_dict(model: nn.Module, sd: dict[str, Any]) -> None:
+    if _is_wrapped(model):
+        sd = {_WRAPPER_PREFIX + k: v for k, v in sd.items()}
+    model.load_state_dict(sd)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -80,7 +105,7 @@ class Checkpointer:
             if tmp.exists():
                 shutil.rmtree(tmp)
         _barrier()
-        state = {"model": model.state_dict(), "step": torch.tensor(step)}
+        state = {"model": model_state_dict(model), "step": torch.tensor(step)}
         if optimizer is not None:
             state["optim"] = optimizer.state_dict()
         dcp.save(state, checkpoint_id=str(tmp))
@@ -106,11 +131,11 @@ class Checkpointer:
     def load(self, path: str | Path, model: nn.Module, optimizer: Any) -> tuple[int, dict[str, Any]]:
         """Restore in place; returns (step, this rank's loader state)."""
         path = Path(path)
-        state: dict[str, Any] = {"model": model.state_dict(), "step": torch.tensor(0)}
+        state: dict[str, Any] = {"model": model_state_dict(model), "step": torch.tensor(0)}
         if optimizer is not None:
             state["optim"] = optimizer.state_dict()
         dcp.load(state, checkpoint_id=str(path))
-        model.load_state_dict(state["model"])
+        load_model_state_dict(model, state["model"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optim"])
         rank_file = path / f"rank{_rank():05d}.pt"

@@ -67,14 +67,17 @@ def codistill_loss(
 
 
 class CodistillTrain(nn.Module):
-    """torchrec ``DLRMTrain``-style wrapper: ``forward(batch, teacher_logits) -> (loss, (parts, logits, labels))``."""
+    """torchrec ``DLRMTrain``-style wrapper, ``forward(batch) -> (loss, (parts, logits, labels))``: the
+    contract of TorchRec's train pipelines. The batch is its only input (the pipeline FX-traces this
+    forward), so it computes the burn-in / baseline loss; past burn-in the trainer adds the teachers'
+    term with :func:`codistill_loss` itself."""
 
     def __init__(self, model: nn.Module, cfg: CodistillConfig) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
 
-    def forward(self, batch, teacher_logits: Sequence[torch.Tensor] | None = None):  # noqa: ANN001
+    def forward(self, batch):  # noqa: ANN001, ANN201
         logits = self.model(batch.dense_features, batch.sparse_features)
-        parts = codistill_loss(logits, teacher_logits, batch.labels.float(), self.cfg)
+        parts = codistill_loss(logits, None, batch.labels.float(), self.cfg)
         return parts.total, (parts, logits.detach(), batch.labels.detach())

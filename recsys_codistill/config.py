@@ -104,6 +104,10 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0
     progress: bool = True
+    # "sparse_dist": TorchRec's TrainPipelineSparseDist (overlaps the next batch's copy and input
+    # all-to-all with this step; the GPU default). "plain": a simple loop. "auto": sparse_dist on GPU for
+    # one group, plain otherwise (codistillation needs the batch for the teacher outside the pipeline).
+    pipeline: Literal["auto", "plain", "sparse_dist"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,13 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: codistill.num_groups = {c.num_groups}; expected >= 1")
     if c.exchange_every < 1:
         raise ConfigError(f"{source}: codistill.exchange_every must be >= 1")
+    if cfg.train.pipeline == "sparse_dist" and c.num_groups > 1:
+        raise ConfigError(
+            f"{source}: train.pipeline = 'sparse_dist' works for one group only; codistillation runs the "
+            "teacher on each batch outside the pipeline (use 'plain' or 'auto')"
+        )
+    if s.nnodes > 1 and s.rdzv_port == 0:
+        raise ConfigError(f"{source}: sharding.nnodes > 1 needs an explicit sharding.rdzv_host and rdzv_port")
     if c.distill_weight < 0:
         raise ConfigError(f"{source}: codistill.distill_weight must be >= 0")
 

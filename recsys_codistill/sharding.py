@@ -34,6 +34,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -234,7 +235,8 @@ def shard_model(
     pg = pg or dist.group.WORLD
     world_size = dist.get_world_size(pg)
     sparse_cls, sparse_kwargs = _sparse_optimizer(optim_cfg or OptimConfig())
-    apply_optimizer_in_backward(sparse_cls, model.sparse_arch.parameters(), sparse_kwargs)
+    tables = [p for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
+    apply_optimizer_in_backward(sparse_cls, tables, sparse_kwargs)
     sharders = get_default_sharders()
     if plan is None:
         plan = make_plan(

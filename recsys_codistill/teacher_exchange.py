@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from recsys_codistill.checkpoint import model_state_dict
 from recsys_codistill.config import RunConfig
 
 _PREFIX = "step_"
@@ -104,7 +105,7 @@ def publish(root: Path, group: int, step: int, model: nn.Module, plan_text: str 
         tmp.parent.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp))
+    dcp.save({"model": model_state_dict(model)}, checkpoint_id=str(tmp))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:

@@ -21,7 +21,7 @@ from torch import nn
 from data_pipeline.loader import CriteoStream
 from models import build_model
 from recsys_codistill.checkpoint import Checkpointer
-from recsys_codistill.codistill import codistill_loss
+from recsys_codistill.codistill import CodistillTrain, codistill_loss
 from recsys_codistill.config import RunConfig
 from recsys_codistill.sharding import plan_summary, shard_model
 
@@ -56,8 +56,16 @@ def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
     return 1.0 - frac if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def build_sharded(cfg: RunConfig, ctx: DistContext, seed: int, *, frozen: bool = False, plan=None):  # noqa: ANN001
-    """The group's model on meta, sharded by DMP; ``frozen`` gives a teacher copy (no optimizer)."""
+def use_sparse_dist_pipeline(cfg: RunConfig, ctx: DistContext) -> bool:
+    if cfg.train.pipeline == "auto":
+        return ctx.device.type == "cuda" and cfg.codistill.num_groups == 1
+    return cfg.train.pipeline == "sparse_dist"
+
+
+def build_sharded(cfg: RunConfig, ctx: DistContext, seed: int, *, frozen: bool = False, plan=None, wrap: bool = False):  # noqa: ANN001
+    """The group's model on meta, sharded by DMP; ``frozen`` gives a teacher copy (no optimizer).
+    ``wrap`` shards ``CodistillTrain(model)`` instead (``batch -> (loss, output)``), the contract of
+    TorchRec's train pipelines."""
     m = cfg.model
     torch.manual_seed(seed)  # dense layers; tables get the sharding-independent init in shard_model
     model = build_model(
@@ -72,6 +80,8 @@ def build_sharded(cfg: RunConfig, ctx: DistContext, seed: int, *, frozen: bool =
         device="meta",
         dense_device=ctx.device,
     )
+    if wrap:
+        model = CodistillTrain(model, cfg.codistill)
     return shard_model(
         model,
         m,
@@ -126,7 +136,10 @@ def predict_stream(model: nn.Module, stream: CriteoStream, ctx: DistContext) -> 
     ids, labels, logits = [], [], []
     for batch in stream:
         batch = batch.to(ctx.device)
-        out = model(batch.dense_features, batch.sparse_features).float()
+        if isinstance(getattr(model, "module", None), CodistillTrain):
+            out = model(batch)[1][1].float()  # (loss, (parts, logits, labels))
+        else:
+            out = model(batch.dense_features, batch.sparse_features).float()
         ids.append(batch.row_ids)
         labels.append(batch.labels)
         logits.append(out)
@@ -185,7 +198,8 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
     total_steps = stream.num_batches()
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
-    sm = build_sharded(cfg, ctx, seed)
+    pipelined = use_sparse_dist_pipeline(cfg, ctx)
+    sm = build_sharded(cfg, ctx, seed, wrap=pipelined)
     model, optimizer = sm.model, sm.optimizer
     if ctx.is_main:
         print(f"[group {group}] {plan_summary(sm.plan)}", flush=True)
@@ -221,21 +235,30 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
     t_last, step_last = time.perf_counter(), step
     sum_loss = sum_bce = sum_distill = 0.0
     it = iter(stream)
-    while step < total_steps:
-        batch = next(it).to(ctx.device, non_blocking=True)
+    pipeline = None
+    if pipelined:
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+        # Copies batch i+2 to the device and runs batch i+1's input all-to-all while batch i computes.
+        # It reads ahead, which is why checkpoints store stream.state_at(step), not the stream's cursor.
+        pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device)
+    while step < total_steps:
         # step: forward student (and teacher past burn-in), backward (fused sparse update), dense update.
         # The fused optimizer applies the lr it was last given at the next backward: a one-step lag
         # for the tables' schedule, which is harmless.
         factor = lr_factor(step, total_steps, cfg.optim.warmup_steps, cfg.optim.decay)
         for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
             g["lr"] = lr * factor
-        teacher_logits = exchange.teacher_logits(batch, step) if exchange is not None else None
-        logits = model(batch.dense_features, batch.sparse_features)
-        parts = codistill_loss(logits, teacher_logits, batch.labels, cfg.codistill)
-        optimizer.zero_grad()
-        parts.total.backward()
-        optimizer.step()
+        if pipeline is not None:
+            parts, _, _ = pipeline.progress(it)  # zero_grad, forward, backward, optimizer.step inside
+        else:
+            batch = next(it).to(ctx.device, non_blocking=True)
+            teacher_logits = exchange.teacher_logits(batch, step) if exchange is not None else None
+            logits = model(batch.dense_features, batch.sparse_features)
+            parts = codistill_loss(logits, teacher_logits, batch.labels, cfg.codistill)
+            optimizer.zero_grad()
+            parts.total.backward()
+            optimizer.step()
         step += 1
         # running sums stay tensors: no per-step host sync (it matters on GPU)
         sum_loss += parts.total.detach()
@@ -270,6 +293,8 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
 
         # eval: validation metrics at an interval.
         if valid is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
+            if pipeline is not None:
+                pipeline.detach()  # restore the sharded modules' own forward for evaluation
             q = quality(predict_stream(model, valid, ctx))
             log.write(step=step, **{f"valid_{k}": v for k, v in q.items()})
 
@@ -281,6 +306,8 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
 
     if bar is not None:
         bar.close()
+    if pipeline is not None:
+        pipeline.detach()
     final = ckpt.save(step, model, optimizer, stream.state_at(step))
     result: dict[str, Any] = {"group": group, "step": step, "checkpoint": str(final)}
     if valid is not None:

@@ -72,3 +72,12 @@ def test_bad_config_fails_before_any_process_starts(tmp_path, capsys, override, 
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_sparse_dist_pipeline_matches_the_plain_loop(data, tmp_path):
+    # TorchRec's TrainPipelineSparseDist (the GPU default) runs on CPU too: same math as the plain loop,
+    # and its checkpoints load into the plain model for predict.
+    run(tiny_config(data, tmp_path / "plain", "train.max_steps=12", "train.pipeline=plain"))
+    run(tiny_config(data, tmp_path / "pipe", "train.max_steps=12", "train.pipeline=sparse_dist", "train.eval_every=6"))
+    pa, pb = predictions(tmp_path / "plain", data), predictions(tmp_path / "pipe", data)
+    np.testing.assert_allclose(pa["logit"], pb["logit"], rtol=0, atol=1e-5)
