@@ -15,6 +15,12 @@ PAPER = {  # Anil et al. 2018, Table 1 (full Criteo): validation log loss and ch
 LABELS = {"baseline": "single model", "ensemble": "ensemble of two", "codistill": "two-way codistillation"}
 
 
+def label(method: str) -> str:
+    if method.startswith("codistill["):
+        return f"codistillation ({method[len('codistill[') : -1]})"
+    return LABELS.get(method, method)
+
+
 def _pm(s: dict[str, float], digits: int = 4) -> str:
     return f"{s['mean']:.{digits}f} ± {s['half_range']:.{digits}f}"
 
@@ -39,7 +45,7 @@ def _plot(root: Path, result: dict[str, Any]) -> list[str]:
             ax.errorbar(xs, vals, yerr=[[v - a for v, a in zip(vals, lo, strict=True)], [b - v for v, b in zip(vals, hi, strict=True)]], fmt="o", color="k", ms=3, lw=0.8)
         else:
             ax.plot(xs, vals, "ko", ms=3)
-    ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], fontsize=8)
+    ax.set_xticks(range(len(methods)), [label(m) for m in methods], fontsize=7, rotation=15 if len(methods) > 3 else 0)
     ax.set_ylabel("churn: mean |pA − pB|")
     ax.set_title("Prediction churn between two retrains (dots: repeats, 95% CI)", fontsize=9)
     fig.tight_layout()
@@ -47,7 +53,29 @@ def _plot(root: Path, result: dict[str, Any]) -> list[str]:
     plt.close(fig)
     made.append("churn.png")
 
-    # 2. learning curves of repeat 0.
+    # 2. churn vs staleness (exchange interval K), when the study compares several K.
+    settings = result.get("codistill_settings", {})
+    ks = {v["exchange_every"] for v in settings.values()}
+    if len(ks) > 1:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        pts = sorted((settings[m]["exchange_every"], float(np.median([x["churn"]["mean_abs_diff"]["value"] for x in result["per_repeat"][m]])), m) for m in settings)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="codistillation")
+        for k, v, m in pts:
+            ax.annotate(label(m).replace("codistillation ", ""), (k, v), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if "baseline" in result["per_repeat"]:
+            base = float(np.median([x["churn"]["mean_abs_diff"]["value"] for x in result["per_repeat"]["baseline"]]))
+            ax.axhline(base, color="gray", ls="--", lw=0.8, label="single model")
+        ax.set_xscale("log")
+        ax.set_xlabel("exchange interval K (steps; staleness up to K)")
+        ax.set_ylabel("median churn")
+        ax.legend(fontsize=8)
+        ax.set_title("Churn vs teacher staleness", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(root / "churn_vs_staleness.png", dpi=120)
+        plt.close(fig)
+        made.append("churn_vs_staleness.png")
+
+    # 3. learning curves of repeat 0.
     if any(result["curves"].values()):
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         for name, pts in result["curves"].items():
@@ -83,20 +111,26 @@ def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_t
         "|---|---|---|---|---|---|---|---|",
     ]
     for m, row in t.items():
-        paper = PAPER[m]
+        paper = PAPER.get(m, ("", ""))
         lines.append(
-            f"| {LABELS[m]} | {_pm(row['log_loss'])} | {_pm(row['auc'])} | {_pm(row['ne'])} | "
+            f"| {label(m)} | {_pm(row['log_loss'])} | {_pm(row['auc'])} | {_pm(row['ne'])} | "
             f"{_pm(row['churn'])} [{row['churn']['median']:.4f}] | {_pm(row['symmetric_pd'])} | {_pm(row['flip_rate'])} | "
-            f"{paper[0]} / {paper[1]} |"
+            + (f"{paper[0]} / {paper[1]} |" if paper[0] else " |")
         )
     if "baseline" in t:
         base = t["baseline"]["churn"]["median"]
-        rel = ", ".join(f"{LABELS[m]} {100 * (t[m]['churn']['median'] / base - 1):+.0f}%" for m in t if m != "baseline")
+        rel = ", ".join(f"{label(m)} {100 * (t[m]['churn']['median'] / base - 1):+.0f}%" for m in t if m != "baseline")
         if rel:
             lines += ["", f"Median churn relative to the single model: {rel} (paper: ensemble −24%, codistillation −35%)."]
     if result.get("bayes_optimal"):
         b = result["bayes_optimal"]
         lines += ["", f"Bayes-optimal on this hold-out (synthetic truth): log loss {b['log_loss']:.4f}, AUC {b['auc']:.4f}."]
+    settings = result.get("codistill_settings", {})
+    if settings:
+        lines += ["", "Codistillation settings: " + "; ".join(
+            f"{label(m)}: K={v['exchange_every']}, burn-in {v['burn_in_steps']}, w={v['distill_weight']}, loss {v['loss']}, data {v['data']}"
+            for m, v in settings.items()
+        ) + "."]
     lines += ["", "## Per repeat (95% paired bootstrap CIs)", "", "| method | repeat | churn [95% CI] | flip rate [95% CI] | log loss A / B |", "|---|---|---|---|---|"]
     for m, reps in result["per_repeat"].items():
         for r, x in enumerate(reps):
@@ -105,7 +139,7 @@ def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_t
             def ci(e: dict[str, Any]) -> str:
                 return f"{e['value']:.4f} [{e['ci_low']:.4f}, {e['ci_high']:.4f}]" if e["ci_low"] is not None else f"{e['value']:.4f}"
 
-            lines.append(f"| {LABELS[m]} | {r} | {ci(c)} | {ci(f)} | {x['quality_a']['log_loss']:.4f} / {x['quality_b']['log_loss']:.4f} |")
+            lines.append(f"| {label(m)} | {r} | {ci(c)} | {ci(f)} | {x['quality_a']['log_loss']:.4f} / {x['quality_b']['log_loss']:.4f} |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     timings = result["timings_s"]
     lines += [

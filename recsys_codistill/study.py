@@ -60,18 +60,43 @@ class Plan:
     study: StudyConfig
     base: RunConfig
     root: Path
+    # Extra codistillation settings to compare, name -> --set overrides (from [study.variants]).
+    variants: dict[str, list[str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
 
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyConfig, RunConfig]:
+    study, base, _ = load_study_with_variants(path, overrides)
+    return study, base
+
+
+def load_study_with_variants(
+    path: str | Path, overrides: Sequence[str] = ()
+) -> tuple[StudyConfig, RunConfig, dict[str, list[str]]]:
+    """``[study]`` keys, the training config, and ``[study.variants]``: extra codistillation rows, each a
+    name and a list of ``section.key=value`` overrides (e.g. ``"K=10" = ["codistill.exchange_every=10"]``)."""
     data = config_dict_from_sources(path, overrides)
-    study = _build(StudyConfig, data.pop("study", {}), str(path), "study.")
+    section = dict(data.pop("study", {}))
+    variants = section.pop("variants", {})
+    if not isinstance(variants, dict) or not all(
+        isinstance(v, list) and all(isinstance(x, str) for x in v) for v in variants.values()
+    ):
+        raise ConfigError(f'{path}: [study.variants] must map names to lists of "section.key=value" strings')
+    study = _build(StudyConfig, section, str(path), "study.")
     unknown = [m for m in study.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"{path}: study.methods has {unknown}; expected a subset of {list(METHODS)}")
     if study.repeats < 1:
         raise ConfigError(f"{path}: study.repeats must be >= 1")
-    return study, from_dict(data, str(path))
+    base = from_dict(data, str(path))
+    for name, sets in variants.items():  # fail now, not after an hour of baselines
+        from recsys_codistill.config import load_config
+
+        try:
+            load_config(None, sets)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: study variant {name!r}: {e}") from e
+    return study, base, {str(k): list(v) for k, v in variants.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,8 +146,17 @@ def check_holdout(data: Path) -> dict[str, int]:
 # runs
 
 
-def run_config(plan: Plan, name: str, seed: int, num_groups: int) -> RunConfig:
+def run_config(plan: Plan, name: str, seed: int, num_groups: int, sets: Sequence[str] = ()) -> RunConfig:
     d = to_dict(plan.base)
+    if sets:
+        from recsys_codistill.config import _merge, parse_override
+
+        for item in sets:
+            keys, value = parse_override(item)
+            nested: Any = value
+            for k in reversed(keys):
+                nested = {k: nested}
+            d = _merge(d, nested)
     d["run_dir"] = str(plan.root / "runs" / name)
     d["train"]["seed"] = seed
     d["train"]["progress"] = False
@@ -239,33 +273,40 @@ def bayes_reference(root: Path, valid: Path) -> dict[str, float] | None:
 
 
 def run_study(config: str | Path, overrides: Sequence[str] = ()) -> Path:
-    study, base = load_study(config, overrides)
-    return run(study, base, config_text=Path(config).read_text())
+    study, base, variants = load_study_with_variants(config, overrides)
+    return run(study, base, config_text=Path(config).read_text(), variants=variants)
 
 
-def run(study: StudyConfig, base: RunConfig, config_text: str = "") -> Path:
+def run(study: StudyConfig, base: RunConfig, config_text: str = "", variants: dict[str, list[str]] | None = None) -> Path:
     root = Path(study.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     data = prepare_data(study, root)
     holdout = check_holdout(data)
     base = from_dict({**to_dict(base), "data": {**to_dict(base)["data"], "train_dir": str(data / "train"), "valid_dir": str(data / "valid")}})
-    plan = Plan(study, base, root)
+    plan = Plan(study, base, root, variants=dict(variants or {}))
     valid = data / "valid"
 
     # Every run of every repeat, baselines several at a time (each uses one core).
     n_base = 4 if "ensemble" in study.methods else 2
     baselines = {(r, i): run_config(plan, f"r{r}_baseline{i}", study.seed * 100 + 10 * r + i, 1) for r in range(study.repeats) for i in range(n_base)}
-    codistills = {}
-    if "codistill" in study.methods:
-        codistills = {(r, i): run_config(plan, f"r{r}_codistill{i}", study.seed * 100 + 10 * r + i, 2) for r in range(study.repeats) for i in range(2)}
+    # codistillation rows: the configured one, then each variant; (row, repeat, run) -> config
+    rows = (["codistill"] if "codistill" in study.methods else []) + [f"codistill[{v}]" for v in plan.variants]
+    codistills: dict[tuple[str, int, int], RunConfig] = {}
+    for row in rows:
+        sets = plan.variants.get(row[len("codistill[") : -1], []) if row != "codistill" else []
+        tag = "codistill" if row == "codistill" else "codistill_" + "".join(ch if ch.isalnum() else "_" for ch in row[10:-1])
+        for r in range(study.repeats):
+            for i in range(2):
+                codistills[(row, r, i)] = run_config(plan, f"r{r}_{tag}{i}", study.seed * 100 + 10 * r + i, 2, sets)
     with ThreadPoolExecutor(max_workers=max(1, study.parallel_runs)) as pool:
         list(pool.map(lambda c: train_run(plan, c), baselines.values()))
     for c in codistills.values():  # two groups = two processes already
         train_run(plan, c)
 
     # Measure: churn between the two runs of each method, per repeat.
-    per_repeat: dict[str, list[dict[str, Any]]] = {m: [] for m in study.methods}
+    per_repeat: dict[str, list[dict[str, Any]]] = {m: [] for m in study.methods if m != "codistill"}
+    per_repeat.update({row: [] for row in rows})
     for r in range(study.repeats):
         b = [predictions(baselines[(r, i)], valid) for i in range(n_base)]
         threshold = base.eval.threshold or float(np.mean(b[0]["label"]))
@@ -273,9 +314,9 @@ def run(study: StudyConfig, base: RunConfig, config_text: str = "") -> Path:
             per_repeat["baseline"].append(measure_pair(b[0], b[1], threshold, study, r))
         if "ensemble" in study.methods:
             per_repeat["ensemble"].append(measure_pair(ensemble(b[0], b[2]), ensemble(b[1], b[3]), threshold, study, r))
-        if "codistill" in study.methods:
-            c = [predictions(codistills[(r, i)], valid) for i in range(2)]
-            per_repeat["codistill"].append(measure_pair(c[0], c[1], threshold, study, r))
+        for row in rows:
+            c = [predictions(codistills[(row, r, i)], valid) for i in range(2)]
+            per_repeat[row].append(measure_pair(c[0], c[1], threshold, study, r))
 
     table = {}
     for m, reps in per_repeat.items():
@@ -289,7 +330,12 @@ def run(study: StudyConfig, base: RunConfig, config_text: str = "") -> Path:
         }
     curves = {
         "baseline": learning_curve(baselines[(0, 0)]),
-        **({"codistill group0": learning_curve(codistills[(0, 0)], 0), "codistill group1": learning_curve(codistills[(0, 0)], 1)} if codistills else {}),
+        **({"codistill group0": learning_curve(codistills[(rows[0], 0, 0)], 0), "codistill group1": learning_curve(codistills[(rows[0], 0, 0)], 1)} if rows else {}),
+    }
+    # what each codistillation row used, for the churn-vs-staleness plot and the report
+    settings = {
+        row: {k: getattr(codistills[(row, 0, 0)].codistill, k) for k in ("exchange_every", "burn_in_steps", "distill_weight", "loss", "data")}
+        for row in rows
     }
     result = {
         "study": to_dict(study),
@@ -299,6 +345,7 @@ def run(study: StudyConfig, base: RunConfig, config_text: str = "") -> Path:
         "table": table,
         "per_repeat": per_repeat,
         "curves": curves,
+        "codistill_settings": settings,
         "timings_s": {**plan.timings, "total": round(time.perf_counter() - t_start, 1)},
         "versions": versions(),
     }

@@ -17,6 +17,9 @@ synthetic_rows = 6000
 valid_fraction = 0.25
 bootstrap = 50
 
+[study.variants]
+"K=8" = ["codistill.exchange_every=8"]
+
 [data]
 batch_size = 256
 
@@ -47,10 +50,13 @@ def test_tiny_study_writes_every_artefact_and_resumes(tmp_path):
     text = report.read_text()
     for needle in ("single model", "ensemble of two", "two-way codistillation", "Bayes-optimal", "95%", "torchrec"):
         assert needle in text
-    assert (out / "churn.png").stat().st_size > 1000 and (out / "learning_curves.png").stat().st_size > 1000
+    for png in ("churn.png", "learning_curves.png", "churn_vs_staleness.png"):
+        assert (out / png).stat().st_size > 1000, png
+    assert "codistillation (K=8)" in text
     result = json.loads((out / "study.json").read_text())
     assert result["holdout"]["overlap"] == 0 and result["holdout"]["valid_rows"] == 1500
-    for m in ("baseline", "ensemble", "codistill"):
+    assert result["codistill_settings"]["codistill[K=8]"]["exchange_every"] == 8
+    for m in ("baseline", "ensemble", "codistill", "codistill[K=8]"):
         churn = result["per_repeat"][m][0]["churn"]["mean_abs_diff"]
         assert 0 < churn["value"] < 0.5 and churn["ci_low"] <= churn["value"] <= churn["ci_high"]
     # the ensemble row really averages two models: its churn differs from the single model's
@@ -75,6 +81,9 @@ def test_study_config_errors(tmp_path):
     p = tmp_path / "s.toml"
     p.write_text('[study]\nmethods = ["baseline", "bagging"]\n')
     with pytest.raises(ConfigError, match="bagging"):
+        load_study(p)
+    p.write_text('[study.variants]\nbad = ["codistill.exchange_every=0"]\n')
+    with pytest.raises(ConfigError, match="variant 'bad'"):
         load_study(p)
     p.write_text("[study]\nrepeat = 3\n")
     with pytest.raises(ConfigError, match="unknown key 'study.repeat'"):
