@@ -34,14 +34,12 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import queue
 import secrets
 import shutil
-import sys
 import threading
 import warnings
 from collections import Counter, deque
@@ -758,44 +756,3 @@ def export_tsv(parquet_dir: str | Path, out_path: str | Path) -> int:
                 writer.write_table(pa.Table.from_arrays(arrays, schema=out_schema))
                 rows += batch.num_rows
     return rows
-
-
-# --------------------------------------------------------------------------------------------------------
-# Command line (the project CLI wraps ingest() too; this is for quick use)
-# --------------------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.preprocess", description=__doc__.split("\n")[0])
-    parser.add_argument("inputs", nargs="+", help="Criteo TSV/CSV files, plain or .gz, in time order")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--valid-fraction", type=float, default=0.0)
-    parser.add_argument("--split", choices=["time", "hash"], default="time")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rows-per-file", type=int, default=1_000_000)
-    parser.add_argument("--row-group-size", type=int, default=8192)
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        manifest = ingest(
-            args.inputs,
-            args.out,
-            valid_fraction=args.valid_fraction,
-            split=args.split,
-            seed=args.seed,
-            rows_per_file=args.rows_per_file,
-            row_group_size=args.row_group_size,
-            overwrite=args.overwrite,
-        )
-    except IngestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"{manifest['rows_ok']} rows ok, {manifest['rows_rejected']} rejected, "
-        f"{len(manifest['files'])} files -> {args.out}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,7 +33,6 @@ import math
 import sys
 import time
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -619,25 +618,3 @@ def generate_parquet(
     summary["files"] = files
     (out / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Write a synthetic Criteo-format data set.")
-    ap.add_argument("out_dir")
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-files", type=int, default=1)
-    ap.add_argument("--parquet", action="store_true", help="write ingested Parquet instead of TSV")
-    a = ap.parse_args(argv)
-    if a.parquet:
-        s = generate_parquet(a.out_dir, a.rows, a.seed)
-    else:
-        s = generate(a.out_dir, a.rows, a.seed, num_files=a.num_files, progress=True)
-    keys = ("rows", "base_rate", "bayes_log_loss", "bayes_auc", "base_rate_log_loss")
-    print(json.dumps({k: s[k] for k in keys}))
-
-
-if __name__ == "__main__":
-    _main()

@@ -173,12 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from data_pipeline.loader import DatasetError
+    from data_pipeline.sources import IngestError
     from recsys_codistill.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, IngestError, DatasetError, FileNotFoundError, ValueError) as e:
         print(f"recsys-codistill {args.command}: error: {e}", file=sys.stderr)
         return 2
 

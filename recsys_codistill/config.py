@@ -59,6 +59,19 @@ class ModelConfig:
     # The paper's MLP (Anil et al. 2018).
     mlp_layers: tuple[int, ...] = (2560, 1024, 256)
 
+    def build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`models.build_model` (models stay free of our config types)."""
+        return {
+            "arch": self.arch,
+            "table_sizes": self.resolved_table_sizes(),
+            "embedding_dim": self.embedding_dim,
+            "dense_arch": self.dense_arch,
+            "over_arch": self.over_arch,
+            "dcn_num_layers": self.dcn_num_layers,
+            "dcn_low_rank": self.dcn_low_rank,
+            "mlp_layers": self.mlp_layers,
+        }
+
     def resolved_table_sizes(self) -> tuple[int, ...]:
         sizes = self.table_sizes * NUM_SPARSE if len(self.table_sizes) == 1 else self.table_sizes
         return tuple(min(s, self.max_table_size) for s in sizes)
@@ -249,6 +262,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``data`` (a config as nested dicts) with every ``section.key=value`` applied in order."""
+    out = dict(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        out = _merge(out, nested)
+    return out
+
+
 def config_dict_from_sources(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if path is not None:
@@ -259,13 +284,7 @@ def config_dict_from_sources(path: str | Path | None, overrides: Sequence[str] =
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from e
-    for item in overrides:
-        keys, value = parse_override(item)
-        nested: Any = value
-        for k in reversed(keys):
-            nested = {k: nested}
-        data = _merge(data, nested)
-    return data
+    return apply_overrides(data, overrides)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -35,17 +35,7 @@ def load_run(run_dir: str | Path, group: int = 0, device: str | torch.device = "
         raise FileNotFoundError(f"no complete checkpoint under {run_dir / f'group{group}' / 'checkpoints'}")
     m = cfg.model
     quiet_library_logs()
-    model = build_model(
-        m.arch,
-        table_sizes=m.resolved_table_sizes(),
-        embedding_dim=m.embedding_dim,
-        dense_arch=m.dense_arch,
-        over_arch=m.over_arch,
-        dcn_num_layers=m.dcn_num_layers,
-        dcn_low_rank=m.dcn_low_rank,
-        mlp_layers=m.mlp_layers,
-        device=device,
-    )
+    model = build_model(**m.build_kwargs(), device=device)
     step = load_model_weights(ckpt, model)
     return cfg, model.eval(), step
 

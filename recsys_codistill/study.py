@@ -28,6 +28,7 @@ from recsys_codistill.config import (
     ConfigError,
     RunConfig,
     _build,
+    apply_overrides,
     config_dict_from_sources,
     from_dict,
     to_dict,
@@ -147,16 +148,7 @@ def check_holdout(data: Path) -> dict[str, int]:
 
 
 def run_config(plan: Plan, name: str, seed: int, num_groups: int, sets: Sequence[str] = ()) -> RunConfig:
-    d = to_dict(plan.base)
-    if sets:
-        from recsys_codistill.config import _merge, parse_override
-
-        for item in sets:
-            keys, value = parse_override(item)
-            nested: Any = value
-            for k in reversed(keys):
-                nested = {k: nested}
-            d = _merge(d, nested)
+    d = apply_overrides(to_dict(plan.base), sets)
     d["run_dir"] = str(plan.root / "runs" / name)
     d["train"]["seed"] = seed
     d["train"]["progress"] = False

@@ -68,18 +68,7 @@ def build_sharded(cfg: RunConfig, ctx: DistContext, seed: int, *, frozen: bool =
     TorchRec's train pipelines."""
     m = cfg.model
     torch.manual_seed(seed)  # dense layers; tables get the sharding-independent init in shard_model
-    model = build_model(
-        m.arch,
-        table_sizes=m.resolved_table_sizes(),
-        embedding_dim=m.embedding_dim,
-        dense_arch=m.dense_arch,
-        over_arch=m.over_arch,
-        dcn_num_layers=m.dcn_num_layers,
-        dcn_low_rank=m.dcn_low_rank,
-        mlp_layers=m.mlp_layers,
-        device="meta",
-        dense_device=ctx.device,
-    )
+    model = build_model(**m.build_kwargs(), device="meta", dense_device=ctx.device)
     if wrap:
         model = CodistillTrain(model, cfg.codistill)
     return shard_model(

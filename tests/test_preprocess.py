@@ -550,8 +550,11 @@ def test_progress_and_command_line(tmp_path: Path, capsys: pytest.CaptureFixture
     src = write(tmp_path / "in.tsv", lines(3) + "\n")
     m = ingest([src], tmp_path / "out", progress=True)  # stderr is no terminal here: the bar stays quiet
     assert m["rows_ok"] == 3
-    assert preprocess.main([str(src), "--out", str(tmp_path / "cli"), "--valid-fraction", "0.34"]) == 0
-    assert "3 rows ok, 1 rejected" in capsys.readouterr().out
+    from recsys_codistill.cli import main as cli_main
+
+    assert cli_main(["ingest", str(src), "--out", str(tmp_path / "cli"), "--valid-fraction", "0.34"]) == 0
+    out = capsys.readouterr().out
+    assert '"rows_ok": 3' in out and '"rows_rejected": 1' in out
     assert json.loads((tmp_path / "cli" / "valid" / "manifest.json").read_text())["rows"] == 1
-    assert preprocess.main([str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "cli2")]) == 2
+    assert cli_main(["ingest", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "cli2")]) == 2
     assert "missing.tsv: no such file" in capsys.readouterr().err
