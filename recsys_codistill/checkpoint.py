@@ -15,6 +15,7 @@ DCP's reader and ``torch.load(weights_only=True)`` for the per-rank file (tensor
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import warnings
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from recsys_codistill.config import CheckpointConfig
 
@@ -109,6 +111,7 @@ class Checkpointer:
         if optimizer is not None:
             state["optim"] = optimizer.state_dict()
         dcp.save(state, checkpoint_id=str(tmp))
+        rank_file = tmp / f"rank{rank:05d}.pt"
         torch.save(
             {
                 "loader": json.dumps(loader_state, sort_keys=True),
@@ -116,13 +119,22 @@ class Checkpointer:
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0),
                 "step": torch.tensor(step),
             },
-            tmp / f"rank{rank:05d}.pt",
+            rank_file,
         )
+        with rank_file.open("rb") as f:
+            os.fsync(f.fileno())
         _barrier()
         if rank == 0:
-            if final.exists():  # a re-save of the same step (e.g. final save right after a periodic one)
-                shutil.rmtree(final)
-            tmp.rename(final)
+            if final.exists():
+                # A re-save of the same step (a resumed run ending where it resumed): swap, never leaving
+                # a moment without a complete checkpoint of this step.
+                old = final.with_name(f".old-{final.name}")
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
             for _, old in list_checkpoints(self.dir)[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
@@ -131,6 +143,13 @@ class Checkpointer:
     def load(self, path: str | Path, model: nn.Module, optimizer: Any) -> tuple[int, dict[str, Any]]:
         """Restore in place; returns (step, this rank's loader state)."""
         path = Path(path)
+        if optimizer is not None:
+            # Lazily created state (Adam's moments) does not exist before the first step, and an empty
+            # state loads as "nothing to restore" without a word: create it first (TorchRec's pattern).
+            # The dummy step may move weights (weight decay); the model weights are loaded after it.
+            for _, sub in getattr(optimizer, "optimizers", []):
+                if isinstance(sub, KeyedOptimizerWrapper):
+                    sub.init_state()
         state: dict[str, Any] = {"model": model_state_dict(model), "step": torch.tensor(0)}
         if optimizer is not None:
             state["optim"] = optimizer.state_dict()
@@ -153,7 +172,11 @@ class Checkpointer:
     def maybe_resume(self, model: nn.Module, optimizer: Any) -> tuple[int, dict[str, Any] | None, Path | None]:
         if not self.cfg.resume:
             return 0, None, None
-        path = latest_checkpoint(self.dir)
+        path = latest_checkpoint(self.dir) if _rank() == 0 else None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [path]  # rank 0 decides: every rank must load the same checkpoint
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
         if path is None:
             return 0, None, None
         step, loader_state = self.load(path, model, optimizer)

@@ -135,9 +135,14 @@ class CodistillConfig:
     exchange_mode: Literal["lockstep", "async"] = "lockstep"
     max_staleness_steps: int = 200
     data: Literal["disjoint", "shared"] = "disjoint"
-    # Exchange directory; empty = <run_dir>/exchange. Any fsspec URL torch.distributed.checkpoint supports.
+    # Exchange directory; empty = <run_dir>/exchange. Groups on several machines need a filesystem they all
+    # mount (NFS, a cluster FS): versions are published with an atomic rename.
     exchange_dir: str = ""
+    # Versions each group keeps (besides those a peer may replay from its last checkpoint); >= 2, so a
+    # version is never deleted while a peer loads it.
     keep_versions: int = 3
+    # Give up (with an error naming the peer) after waiting this long for a teacher version.
+    wait_timeout_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    # Decision threshold for flip rates; 0 = the training base rate.
+    # Decision threshold for flip rates; 0 = the hold-out's base rate.
     threshold: float = 0.0
     bootstrap: int = 1000
     seed: int = 0
@@ -353,6 +358,22 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         )
     if s.nnodes > 1 and s.rdzv_port == 0:
         raise ConfigError(f"{source}: sharding.nnodes > 1 needs an explicit sharding.rdzv_host and rdzv_port")
+    if c.keep_versions < 2:
+        raise ConfigError(f"{source}: codistill.keep_versions must be >= 2 (a peer may be loading the previous version)")
+    if c.exchange_mode == "async" and c.max_staleness_steps < c.exchange_every:
+        raise ConfigError(
+            f"{source}: codistill.max_staleness_steps ({c.max_staleness_steps}) must be >= exchange_every "
+            f"({c.exchange_every}): versions only appear every exchange_every steps"
+        )
+    if cfg.train.log_every < 1:
+        raise ConfigError(f"{source}: train.log_every must be >= 1")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"{source}: checkpoint.keep_last must be >= 1")
+    if s.max_restarts > 0 and cfg.checkpoint.every_steps == 0:
+        raise ConfigError(
+            f"{source}: sharding.max_restarts > 0 restarts a failed group from its latest checkpoint; set "
+            "checkpoint.every_steps > 0 (otherwise it would replay from step 0)"
+        )
     if c.distill_weight < 0:
         raise ConfigError(f"{source}: codistill.distill_weight must be >= 0")
 

@@ -7,36 +7,78 @@ torchrun's ``--max-restarts``), the others are stopped and the failing group's e
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from recsys_codistill.config import RunConfig, save_resolved
+from recsys_codistill.config import ConfigError, RunConfig, save_resolved
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def preflight(cfg: RunConfig) -> None:
+    """Checks that would otherwise fail late, once per rank, inside torchrun."""
+    from data_pipeline.loader import CriteoStream
+
+    if not cfg.data.train_dir:
+        raise ConfigError("data.train_dir is not set (an ingested Parquet directory, see `recsys-codistill ingest`)")
+    if cfg.sharding.sharding_type == "row_wise" and not (cfg.sharding.device != "cpu" and torch_cuda_available()):
+        raise ConfigError("sharding.sharding_type = 'row_wise' needs CUDA; TorchRec's CPU planner does not offer it")
+    if cfg.sharding.backend == "nccl" and not torch_cuda_available():
+        raise ConfigError("sharding.backend = 'nccl' needs CUDA; use gloo (or auto) on CPU")
+    world = cfg.sharding.nproc * cfg.sharding.nnodes
+    for g in range(cfg.codistill.num_groups):
+        for r in range(world):
+            # Builds the row-group assignment from the manifest and Parquet footers only (cheap): a missing
+            # data set, a bad file or too few row groups for num_groups x ranks fails here, named.
+            CriteoStream(
+                cfg.data.train_dir, batch_size=cfg.data.batch_size // world, table_sizes=cfg.model.resolved_table_sizes(),
+                group=g, num_groups=cfg.codistill.num_groups, rank=r, world_size=world,
+                shared=cfg.codistill.data == "shared" or cfg.codistill.num_groups == 1, epochs=cfg.data.epochs,
+            ).num_batches()
+    if cfg.data.valid_dir:
+        CriteoStream(cfg.data.valid_dir, batch_size=8, table_sizes=cfg.model.resolved_table_sizes(), shuffle=False, drop_last=False)
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def fresh_start(cfg: RunConfig) -> bool:
+    """No group has a checkpoint to resume from."""
+    from recsys_codistill.checkpoint import latest_checkpoint
+
+    if not cfg.checkpoint.resume:
+        return True
+    return all(latest_checkpoint(Path(cfg.run_dir) / f"group{g}" / "checkpoints") is None for g in range(cfg.codistill.num_groups))
 
 
 def torchrun_command(cfg: RunConfig, config_path: Path, group: int) -> list[str]:
     s = cfg.sharding
-    port = s.rdzv_port + group if s.rdzv_port else free_port(s.rdzv_host)
+    if s.nnodes == 1 and s.rdzv_port == 0:
+        # Single node: torchrun's own store on a port it picks and holds, so concurrent runs (a study
+        # trains several at once) can never meet in one rendezvous.
+        rdzv = ["--standalone"]
+    else:
+        run_id = hashlib.sha256(str(Path(cfg.run_dir).resolve()).encode()).hexdigest()[:12]
+        rdzv = [
+            f"--nnodes={s.nnodes}",
+            f"--node-rank={s.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={s.rdzv_host}:{s.rdzv_port + group}",
+            f"--rdzv-id=recsys-codistill-{run_id}-group{group}",
+        ]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={s.nproc}",
-        f"--nnodes={s.nnodes}",
-        f"--node-rank={s.node_rank}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={s.rdzv_host}:{port}",
-        f"--rdzv-id=recsys-codistill-group{group}",
+        *rdzv,
         f"--max-restarts={s.max_restarts}",
         "-m",
         "recsys_codistill.worker",
@@ -50,6 +92,12 @@ def torchrun_command(cfg: RunConfig, config_path: Path, group: int) -> list[str]
 def launch(cfg: RunConfig, *, quiet: bool = False) -> int:
     """Run every group to completion; returns 0 or the first failing group's exit code."""
     run_dir = Path(cfg.run_dir)
+    preflight(cfg)
+    if cfg.codistill.num_groups > 1 and fresh_start(cfg):
+        # Versions left by an earlier attempt in this run directory must never serve as teachers.
+        exchange = Path(cfg.codistill.exchange_dir or run_dir / "exchange")
+        if exchange.exists():
+            shutil.rmtree(exchange)
     config_path = save_resolved(cfg, run_dir)
     env = dict(os.environ)
     # Each rank is one process; without this every rank starts one OpenMP thread per core and they fight.

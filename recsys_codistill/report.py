@@ -47,7 +47,7 @@ def _plot(root: Path, result: dict[str, Any]) -> list[str]:
             ax.plot(xs, vals, "ko", ms=3)
     ax.set_xticks(range(len(methods)), [label(m) for m in methods], fontsize=7, rotation=15 if len(methods) > 3 else 0)
     ax.set_ylabel("churn: mean |pA − pB|")
-    ax.set_title("Prediction churn between two retrains (dots: repeats, 95% CI)", fontsize=9)
+    ax.set_title("Churn between two retrains (bars: median; dots: repeats, row-bootstrap 95% CI)", fontsize=8)
     fig.tight_layout()
     fig.savefig(root / "churn.png", dpi=120)
     plt.close(fig)
@@ -122,6 +122,23 @@ def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_t
         rel = ", ".join(f"{label(m)} {100 * (t[m]['churn']['median'] / base - 1):+.0f}%" for m in t if m != "baseline")
         if rel:
             lines += ["", f"Median churn relative to the single model: {rel} (paper: ensemble −24%, codistillation −35%)."]
+    paired = result.get("paired_vs_baseline") or {}
+    if paired:
+        lines += [
+            "",
+            "Paired by repeat (each method's runs share seeds and hold-out rows with the single-model runs), "
+            "churn minus the single model's, mean over repeats with a bootstrap 95% CI over repeats (this is "
+            "the retrain-to-retrain uncertainty; the per-repeat CIs below only cover the hold-out rows):",
+            "",
+            "| method | churn − single model | relative | repeats lower |",
+            "|---|---|---|---|",
+        ]
+        for m, d in paired.items():
+            lines.append(
+                f"| {label(m)} | {d['mean_diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | "
+                f"{100 * d['mean_relative']:+.0f}% [{100 * d['relative_ci_low']:+.0f}%, {100 * d['relative_ci_high']:+.0f}%] | "
+                f"{d['repeats_lower']}/{d['repeats']} |"
+            )
     if result.get("bayes_optimal"):
         b = result["bayes_optimal"]
         lines += ["", f"Bayes-optimal on this hold-out (synthetic truth): log loss {b['log_loss']:.4f}, AUC {b['auc']:.4f}."]

@@ -188,12 +188,12 @@ def predictions(cfg: RunConfig, valid: Path) -> dict[str, np.ndarray]:
 
 def learning_curve(cfg: RunConfig, group: int = 0) -> list[tuple[int, float]]:
     path = Path(cfg.run_dir) / f"group{group}" / "metrics.jsonl"
-    out = []
+    by_step: dict[int, float] = {}
     for line in path.read_text().splitlines() if path.is_file() else []:
         rec = json.loads(line)
         if "valid_log_loss" in rec:
-            out.append((rec["step"], rec["valid_log_loss"]))
-    return out
+            by_step[rec["step"]] = rec["valid_log_loss"]  # a resumed run re-logs steps: keep the last
+    return sorted(by_step.items())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,6 +246,36 @@ def summarise(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def paired_vs_baseline(per_repeat: dict[str, list[dict[str, Any]]], seed: int, resamples: int = 10_000) -> dict[str, dict[str, Any]]:
+    """Per repeat, churn(method) − churn(single model): the two share seeds and hold-out rows, so the
+    difference removes much of the repeat-to-repeat noise. Mean with a bootstrap 95% CI over repeats
+    (retrain-to-retrain uncertainty, unlike the row-bootstrap CIs of a single repeat) and a sign count."""
+    if "baseline" not in per_repeat:
+        return {}
+    base = np.array([x["churn"]["mean_abs_diff"]["value"] for x in per_repeat["baseline"]])
+    rng = np.random.default_rng(seed)
+    out = {}
+    for m, reps in per_repeat.items():
+        if m == "baseline":
+            continue
+        d = np.array([x["churn"]["mean_abs_diff"]["value"] for x in reps]) - base
+        rel = d / base
+        idx = rng.integers(0, d.size, size=(resamples, d.size))
+        boot = d[idx].mean(axis=1)
+        boot_rel = rel[idx].mean(axis=1)
+        out[m] = {
+            "mean_diff": float(d.mean()),
+            "ci_low": float(np.percentile(boot, 2.5)),
+            "ci_high": float(np.percentile(boot, 97.5)),
+            "mean_relative": float(rel.mean()),
+            "relative_ci_low": float(np.percentile(boot_rel, 2.5)),
+            "relative_ci_high": float(np.percentile(boot_rel, 97.5)),
+            "repeats_lower": int((d < 0).sum()),
+            "repeats": int(d.size),
+        }
+    return out
+
+
 def bayes_reference(root: Path, valid: Path) -> dict[str, float] | None:
     """Bayes-optimal metrics on the hold-out when the data is synthetic (truth.parquet is known)."""
     truth = root / "raw" / "truth.parquet"
@@ -266,7 +296,8 @@ def bayes_reference(root: Path, valid: Path) -> dict[str, float] | None:
 
 def run_study(config: str | Path, overrides: Sequence[str] = ()) -> Path:
     study, base, variants = load_study_with_variants(config, overrides)
-    return run(study, base, config_text=Path(config).read_text(), variants=variants)
+    text = Path(config).read_text() + "".join(f"\n# --set {o}" for o in overrides)
+    return run(study, base, config_text=text, variants=variants)
 
 
 def run(study: StudyConfig, base: RunConfig, config_text: str = "", variants: dict[str, list[str]] | None = None) -> Path:
@@ -287,7 +318,7 @@ def run(study: StudyConfig, base: RunConfig, config_text: str = "", variants: di
     codistills: dict[tuple[str, int, int], RunConfig] = {}
     for row in rows:
         sets = plan.variants.get(row[len("codistill[") : -1], []) if row != "codistill" else []
-        tag = "codistill" if row == "codistill" else "codistill_" + "".join(ch if ch.isalnum() else "_" for ch in row[10:-1])
+        tag = "codistill" if row == "codistill" else f"codistill_v{list(plan.variants).index(row[len('codistill[') : -1])}"
         for r in range(study.repeats):
             for i in range(2):
                 codistills[(row, r, i)] = run_config(plan, f"r{r}_{tag}{i}", study.seed * 100 + 10 * r + i, 2, sets)
@@ -336,6 +367,7 @@ def run(study: StudyConfig, base: RunConfig, config_text: str = "", variants: di
         "bayes_optimal": bayes_reference(root, valid),
         "table": table,
         "per_repeat": per_repeat,
+        "paired_vs_baseline": paired_vs_baseline(per_repeat, study.seed),
         "curves": curves,
         "codistill_settings": settings,
         "timings_s": {**plan.timings, "total": round(time.perf_counter() - t_start, 1)},
@@ -358,5 +390,7 @@ def versions() -> dict[str, str]:
 def run_demo(out: str | Path, overrides: Sequence[str] = ()) -> Path:
     """``make demo``: the study on the embedded synthetic generator, sized for 2 CPU cores."""
     cfg_path = Path(__file__).resolve().parents[1] / "configs" / "study_demo.toml"
-    study, base = load_study(cfg_path, [f'study.out_dir="{out}"', *overrides])
-    return run(study, base, config_text=cfg_path.read_text())
+    overrides = [f'study.out_dir="{out}"', *overrides]
+    study, base, variants = load_study_with_variants(cfg_path, overrides)
+    text = cfg_path.read_text() + "".join(f"\n# --set {o}" for o in overrides)
+    return run(study, base, config_text=text, variants=variants)

@@ -149,7 +149,6 @@ class TeacherExchange:
         self.peers = [g for g in range(self.cfg.num_groups) if g != group]
         self.teachers: dict[int, nn.Module] = {}
         self.loaded: dict[int, int] = {}
-        self.fault_tolerant = cfg.sharding.max_restarts > 0
         self.load_seconds = 0.0
         self.publish_seconds = 0.0
         self.bytes_published = 0
@@ -166,21 +165,33 @@ class TeacherExchange:
             self.teachers[peer] = teacher
 
     # -- choosing and loading teachers -------------------------------------------------------------------
+    def _find(self, peer: int, step: int) -> int | None:
+        """Rank 0: the peer version to use at ``step`` if it is there now, else None."""
+        versions = complete_versions(self.root, peer)
+        if self.cfg.exchange_mode == "lockstep":
+            target = step - step % self.cfg.exchange_every
+            return target if target in versions else None
+        # async: the freshest complete version, whoever is ahead; wait only when it is too stale.
+        if versions and step - versions[-1] <= self.cfg.max_staleness_steps:
+            return versions[-1]
+        return None
+
     def _wanted(self, peer: int, step: int) -> int:
-        """Rank 0: the peer version to use at ``step``; blocks until it exists (or the peer is fresh enough)."""
-        k = self.cfg.exchange_every
+        """Collective: poll until the wanted version exists. Every poll is one short broadcast from rank 0,
+        so no rank sits in a long collective (which would hit the process group's timeout), and a peer
+        that never delivers ends in a clear error instead of a silent hang."""
         t0 = time.perf_counter()
         while True:
-            versions = complete_versions(self.root, peer)
-            if self.cfg.exchange_mode == "lockstep":
-                target = step - step % k
-                if target in versions:
-                    break
-            else:
-                fresh = [v for v in versions if v <= step]
-                if fresh and step - fresh[-1] <= self.cfg.max_staleness_steps:
-                    target = fresh[-1]
-                    break
+            target = _broadcast(self._find(peer, step) if self.ctx.rank == 0 else None)
+            if target is not None:
+                break
+            waited = time.perf_counter() - t0
+            if waited > self.cfg.wait_timeout_s:
+                raise RuntimeError(
+                    f"group {self.group} waited {waited:.0f}s at step {step} for a teacher version of group {peer} "
+                    f"under {self.root / f'group{peer}'} ({self.cfg.exchange_mode}); is group {peer} running? "
+                    "(codistill.wait_timeout_s)"
+                )
             time.sleep(_POLL_S)
         self.wait_seconds += time.perf_counter() - t0
         return target
@@ -189,7 +200,7 @@ class TeacherExchange:
         for peer in self.peers:
             if self.cfg.exchange_mode == "lockstep" and self.loaded.get(peer) == step - step % self.cfg.exchange_every:
                 continue  # lockstep: nothing new can be wanted before the next multiple of K
-            target = _broadcast(self._wanted(peer, step) if self.ctx.rank == 0 else None)
+            target = self._wanted(peer, step)
             if self.loaded.get(peer) == target:
                 continue
             path = version_dir(self.root, peer, target)
@@ -232,7 +243,8 @@ class TeacherExchange:
         """Publish the version peers need right at ``step`` (0 at a fresh start; after a resume, the
         version of the resumed step if it is a multiple of K)."""
         version = step - step % self.cfg.exchange_every
-        if self._useful(version) and version == step and not version_dir(self.root, self.group, step).exists():
+        exists = _broadcast(version_dir(self.root, self.group, step).exists() if self.ctx.rank == 0 else None)
+        if self._useful(version) and version == step and not exists:
             self.publish(model, step)
 
     def note_checkpoint(self, step: int) -> None:
@@ -241,20 +253,22 @@ class TeacherExchange:
 
     def _gc(self) -> None:
         versions = complete_versions(self.root, self.group)
-        keep = set(versions[-max(1, self.cfg.keep_versions) :])
-        if self.fault_tolerant:
-            # A peer restarted from its last checkpoint replays from there and needs our versions again.
-            floor = min((self._peer_checkpoint(p) for p in self.peers), default=0)
+        keep = set(versions[-self.cfg.keep_versions :])
+        # A peer that resumes from its last checkpoint replays from there and needs our versions again.
+        floors = [self._peer_checkpoint(p) for p in self.peers]
+        if floors and None not in floors:
+            floor = min(f for f in floors if f is not None)
             keep |= {v for v in versions if v >= floor - self.cfg.exchange_every}
         for v in versions:
             if v not in keep:
                 shutil.rmtree(version_dir(self.root, self.group, v), ignore_errors=True)
 
-    def _peer_checkpoint(self, peer: int) -> int:
+    def _peer_checkpoint(self, peer: int) -> int | None:
+        """The peer's latest checkpoint step, or None if it keeps none (then it cannot replay anyway)."""
         try:
             return int(json.loads((self.root / f"group{peer}" / "checkpoint.json").read_text())["step"])
         except (OSError, ValueError, KeyError):
-            return 0
+            return None
 
     def status(self, step: int) -> dict[str, Any]:
         if not self.loaded:

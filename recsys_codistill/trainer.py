@@ -233,8 +233,7 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
         pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device)
     while step < total_steps:
         # step: forward student (and teacher past burn-in), backward (fused sparse update), dense update.
-        # The fused optimizer applies the lr it was last given at the next backward: a one-step lag
-        # for the tables' schedule, which is harmless.
+        # The fused optimizer pushes param_groups' lr into its kernel at zero_grad, before backward.
         factor = lr_factor(step, total_steps, cfg.optim.warmup_steps, cfg.optim.decay)
         for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
             g["lr"] = lr * factor

@@ -72,3 +72,20 @@ def test_shipped_configs_load():
         if p.name.startswith("study"):
             continue
         load_config(p)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["codistill.keep_versions=1"], "keep_versions"),
+        (["codistill.exchange_mode=async", "codistill.exchange_every=50", "codistill.max_staleness_steps=10"], "max_staleness_steps"),
+        (["train.log_every=0"], "log_every"),
+        (["checkpoint.keep_last=0"], "keep_last"),
+        (["sharding.max_restarts=2"], "every_steps"),
+        (["train.pipeline=sparse_dist", "codistill.num_groups=2"], "one group only"),
+        (["sharding.nnodes=2"], "rdzv_port"),
+    ],
+)
+def test_settings_that_would_fail_late_are_refused_up_front(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)

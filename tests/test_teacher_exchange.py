@@ -118,3 +118,31 @@ def test_a_killed_rank_restarts_from_its_checkpoint_and_the_run_completes(data, 
     for g in (0, 1):
         p = predictions(Path(cfg.run_dir), data, g)
         assert np.isfinite(p["logit"]).all() and len(p["logit"]) == 8192
+
+
+def _exchange(tmp_path: Path, **codistill):  # noqa: ANN202
+    from recsys_codistill.config import CodistillConfig
+    from recsys_codistill.teacher_exchange import TeacherExchange
+    from recsys_codistill.trainer import DistContext
+
+    ex = TeacherExchange.__new__(TeacherExchange)  # version choice needs no model
+    ex.cfg = CodistillConfig(num_groups=2, **codistill)
+    ex.root, ex.group, ex.wait_seconds = tmp_path, 0, 0.0
+    ex.ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    return ex
+
+
+def test_version_choice_lockstep_and_async(tmp_path):
+    _fake_version(tmp_path, 100)
+    lock = _exchange(tmp_path, exchange_every=50)
+    assert lock._find(1, 120) == 100 and lock._find(1, 160) is None  # 150 not there yet: wait
+    _fake_version(tmp_path, 300)  # the peer ran ahead
+    asyn = _exchange(tmp_path, exchange_every=50, exchange_mode="async", max_staleness_steps=100)
+    assert asyn._find(1, 120) == 300  # the freshest, even from the peer's future (no deadlock)
+    assert asyn._find(1, 450) is None  # 150 steps stale > 100: wait
+
+
+def test_waiting_for_a_peer_that_never_publishes_ends_in_a_clear_error(tmp_path):
+    ex = _exchange(tmp_path, exchange_every=50, wait_timeout_s=0.3)
+    with pytest.raises(RuntimeError, match="waited .* for a teacher version of group 1"):
+        ex._wanted(1, 100)

@@ -28,12 +28,14 @@ def test_same_seed_gives_identical_predictions(data, tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_resume_continues_exactly(data, tmp_path):
-    straight = tiny_config(data, tmp_path / "straight", "train.max_steps=24")
+@pytest.mark.parametrize("dense_optimizer", ["adagrad", "adam"])
+def test_resume_continues_exactly(data, tmp_path, dense_optimizer):
+    opt = [f"optim.dense_optimizer={dense_optimizer}", "optim.dense_lr=0.01"]
+    straight = tiny_config(data, tmp_path / "straight", "train.max_steps=24", *opt)
     run(straight)
     # first half, stop (as if killed after the checkpoint at step 12), then resume to 24
-    run(tiny_config(data, tmp_path / "resumed", "train.max_steps=12"))
-    run(tiny_config(data, tmp_path / "resumed", "train.max_steps=24"))
+    run(tiny_config(data, tmp_path / "resumed", "train.max_steps=12", *opt))
+    run(tiny_config(data, tmp_path / "resumed", "train.max_steps=24", *opt))
     assert any(m.get("event") == "resume" and m["step"] == 12 for m in metrics(tmp_path / "resumed"))
     wa, wb = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     for k in wa:
@@ -65,6 +67,7 @@ def test_two_ranks_match_one_rank_and_learn(data, tmp_path, sharding_type):
         ("sharding.sharding_type=diagonal", "sharding_type"),
         ("model.table_sizes=[0]", "table_sizes"),
         ("data.batch_size=255", "not divisible"),
+        ('data.train_dir="/nonexistent/data"', "no manifest.json"),
     ],
 )
 def test_bad_config_fails_before_any_process_starts(tmp_path, capsys, override, message):
