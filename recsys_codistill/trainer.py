@@ -217,7 +217,8 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
     if ctx.is_main and cfg.train.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc=f"group {group}", unit="step", dynamic_ncols=True)
+        # one line per group on the same terminal (each group is its own torchrun)
+        bar = tqdm(total=total_steps, initial=step, desc=f"group {group}", unit="step", dynamic_ncols=True, position=group)
 
     # --- the loop --------------------------------------------------------------------------------------
     model.train()
