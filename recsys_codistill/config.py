@@ -143,6 +143,8 @@ class CodistillConfig:
     keep_versions: int = 3
     # Give up (with an error naming the peer) after waiting this long for a teacher version.
     wait_timeout_s: float = 3600.0
+    # Keep the exchanged versions after a successful run (they only serve training; a full model each).
+    keep_exchange: bool = False
 
 
 @dataclass(frozen=True)

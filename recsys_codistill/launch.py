@@ -93,11 +93,10 @@ def launch(cfg: RunConfig, *, quiet: bool = False) -> int:
     """Run every group to completion; returns 0 or the first failing group's exit code."""
     run_dir = Path(cfg.run_dir)
     preflight(cfg)
-    if cfg.codistill.num_groups > 1 and fresh_start(cfg):
+    exchange = Path(cfg.codistill.exchange_dir or run_dir / "exchange")
+    if cfg.codistill.num_groups > 1 and fresh_start(cfg) and exchange.exists():
         # Versions left by an earlier attempt in this run directory must never serve as teachers.
-        exchange = Path(cfg.codistill.exchange_dir or run_dir / "exchange")
-        if exchange.exists():
-            shutil.rmtree(exchange)
+        shutil.rmtree(exchange)
     config_path = save_resolved(cfg, run_dir)
     env = dict(os.environ)
     # Each rank is one process; without this every rank starts one OpenMP thread per core and they fight.
@@ -145,4 +144,6 @@ def launch(cfg: RunConfig, *, quiet: bool = False) -> int:
             file=sys.stderr,
         )
         return code or 1
+    if cfg.codistill.num_groups > 1 and not cfg.codistill.keep_exchange and exchange.exists():
+        shutil.rmtree(exchange)  # every group finished: no one will load these versions again
     return 0

@@ -66,6 +66,11 @@ class Plan:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def variant_tag(name: str) -> str:
+    """Directory-safe name of a variant's runs."""
+    return "codistill_" + "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyConfig, RunConfig]:
     study, base, _ = load_study_with_variants(path, overrides)
     return study, base
@@ -90,6 +95,9 @@ def load_study_with_variants(
     if study.repeats < 1:
         raise ConfigError(f"{path}: study.repeats must be >= 1")
     base = from_dict(data, str(path))
+    tags = [variant_tag(str(n)) for n in variants]
+    if len(set(tags)) != len(tags):
+        raise ConfigError(f"{path}: [study.variants] names {list(variants)} collide once made directory-safe ({tags})")
     for name, sets in variants.items():  # fail now, not after an hour of baselines
         from recsys_codistill.config import load_config
 
@@ -154,6 +162,7 @@ def run_config(plan: Plan, name: str, seed: int, num_groups: int, sets: Sequence
     d["train"]["progress"] = False
     d["codistill"]["num_groups"] = num_groups
     d["sharding"]["threads"] = d["sharding"]["threads"] or 1
+    d["checkpoint"]["keep_last"] = 1  # a finished study run needs only its final model
     return from_dict(d, f"<study run {name}>")
 
 
@@ -318,10 +327,10 @@ def run(study: StudyConfig, base: RunConfig, config_text: str = "", variants: di
     codistills: dict[tuple[str, int, int], RunConfig] = {}
     for row in rows:
         sets = plan.variants.get(row[len("codistill[") : -1], []) if row != "codistill" else []
-        tag = "codistill" if row == "codistill" else f"codistill_v{list(plan.variants).index(row[len('codistill[') : -1])}"
         for r in range(study.repeats):
             for i in range(2):
-                codistills[(row, r, i)] = run_config(plan, f"r{r}_{tag}{i}", study.seed * 100 + 10 * r + i, 2, sets)
+                name = f"r{r}_codistill{i}" if row == "codistill" else f"r{r}_{variant_tag(row[len('codistill[') : -1])}-{i}"
+                codistills[(row, r, i)] = run_config(plan, name, study.seed * 100 + 10 * r + i, 2, sets)
     with ThreadPoolExecutor(max_workers=max(1, study.parallel_runs)) as pool:
         list(pool.map(lambda c: train_run(plan, c), baselines.values()))
     for c in codistills.values():  # two groups = two processes already

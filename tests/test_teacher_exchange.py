@@ -47,6 +47,8 @@ def test_lockstep_codistillation_is_reproducible_and_uses_the_teacher(data, tmp_
         # burn-in: no distillation term; afterwards a positive one and a teacher at most K steps old
         assert recs[0]["distill"] == 0.0 and recs[-1]["distill"] > 0.0
         assert recs[-1]["teacher_step"] is not None and 0 <= recs[-1]["staleness"] <= 4
+    # versions only serve training: gone once every group finished
+    assert not (tmp_path / "a" / "exchange").exists()
     # the groups are different models (different seeds and data)
     assert not np.array_equal(predictions(tmp_path / "a", data, 0)["logit"], predictions(tmp_path / "a", data, 1)["logit"])
 
