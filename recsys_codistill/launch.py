@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from recsys_codistill.config import ConfigError, RunConfig, save_resolved
+from recsys_codistill.config import ConfigError, RunConfig, save_resolved, to_toml
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -41,6 +41,27 @@ def preflight(cfg: RunConfig) -> None:
             ).num_batches()
     if cfg.data.valid_dir:
         CriteoStream(cfg.data.valid_dir, batch_size=8, table_sizes=cfg.model.resolved_table_sizes(), shuffle=False, drop_last=False)
+
+
+def warn_if_config_changed(cfg: RunConfig, run_dir: Path) -> None:
+    """Resuming under a changed config silently mixes two experiments: say which keys changed."""
+    import difflib
+
+    old = run_dir / "config.toml"
+    if not old.is_file() or fresh_start(cfg):
+        return
+    new_text = to_toml(cfg)
+    diff = [
+        line
+        for line in difflib.unified_diff(old.read_text().splitlines(), new_text.splitlines(), lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    if diff:
+        print(
+            f"recsys-codistill: warning: resuming {run_dir} with a config that differs from the one it was "
+            "started with (the checkpoint was trained under the old values):\n  " + "\n  ".join(diff),
+            file=sys.stderr,
+        )
 
 
 def torch_cuda_available() -> bool:
@@ -97,6 +118,7 @@ def launch(cfg: RunConfig, *, quiet: bool = False) -> int:
     if cfg.codistill.num_groups > 1 and fresh_start(cfg) and exchange.exists():
         # Versions left by an earlier attempt in this run directory must never serve as teachers.
         shutil.rmtree(exchange)
+    warn_if_config_changed(cfg, run_dir)
     config_path = save_resolved(cfg, run_dir)
     env = dict(os.environ)
     # Each rank is one process; without this every rank starts one OpenMP thread per core and they fight.

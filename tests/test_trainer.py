@@ -29,13 +29,14 @@ def test_same_seed_gives_identical_predictions(data, tmp_path):
 
 
 @pytest.mark.parametrize("dense_optimizer", ["adagrad", "adam"])
-def test_resume_continues_exactly(data, tmp_path, dense_optimizer):
+def test_resume_continues_exactly(data, tmp_path, dense_optimizer, capsys):
     opt = [f"optim.dense_optimizer={dense_optimizer}", "optim.dense_lr=0.01"]
     straight = tiny_config(data, tmp_path / "straight", "train.max_steps=24", *opt)
     run(straight)
     # first half, stop (as if killed after the checkpoint at step 12), then resume to 24
     run(tiny_config(data, tmp_path / "resumed", "train.max_steps=12", *opt))
     run(tiny_config(data, tmp_path / "resumed", "train.max_steps=24", *opt))
+    assert "differs from the one it was started with" in capsys.readouterr().err  # max_steps changed
     assert any(m.get("event") == "resume" and m["step"] == 12 for m in metrics(tmp_path / "resumed"))
     wa, wb = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     for k in wa:
