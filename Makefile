@@ -27,7 +27,7 @@ test-all:
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 bench:
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lint:
 	$(BIN)/ruff check .

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,21 +32,15 @@ K = 50
 def main() -> None:
     import torch.distributed.checkpoint as dcp
 
+    from bench._common import single_rank_world, synthetic_parquet
     from data_pipeline.loader import CriteoStream
-    from data_pipeline.synthetic import generate_parquet
     from recsys_codistill.codistill import codistill_loss
     from recsys_codistill.config import load_config
-    from recsys_codistill.sharding import quiet_library_logs
     from recsys_codistill.teacher_exchange import publish
     from recsys_codistill.trainer import DistContext, build_sharded
 
-    torch.set_num_threads(THREADS)
-    quiet_library_logs()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29612")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-codistill-"))
-    generate_parquet(tmp / "data", STEPS * B, seed=0, row_group_size=B * 4)
+    single_rank_world(THREADS, 29612)
+    tmp, _ = synthetic_parquet("bench-codistill-", STEPS * B, B * 4)
     cfg = load_config(
         None,
         [
@@ -94,6 +88,7 @@ def main() -> None:
     teacher.load_state_dict(state["model"])
     load_s = time.perf_counter() - t0
     dist.destroy_process_group()
+    shutil.rmtree(tmp, ignore_errors=True)
     amortised = codist + (publish_s + load_s) / K
     print(
         json.dumps(

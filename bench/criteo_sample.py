@@ -142,6 +142,9 @@ def main() -> None:
         out["skipped"] = f"{SAMPLE} not found"
     if os.environ.get("BENCH_SKIP_SYNTHETIC") != "1":
         out["synthetic"] = synthetic_gap(tmp)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out))
 
 

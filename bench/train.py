@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -130,18 +130,11 @@ def breakdown(cfg, batches) -> dict[str, float]:
 
 
 def main() -> None:
+    from bench._common import single_rank_world, synthetic_parquet
     from data_pipeline.loader import CriteoStream
-    from data_pipeline.synthetic import generate_parquet
-    from recsys_codistill.sharding import quiet_library_logs
 
-    torch.set_num_threads(THREADS)
-    quiet_library_logs()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29611")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    data = tmp / "data"
-    generate_parquet(data, STEPS * B, seed=0, row_group_size=B * 4)
+    single_rank_world(THREADS, 29611)
+    tmp, data = synthetic_parquet("bench-train-", STEPS * B, B * 4)
     cfg = config(data, tmp / "run")
     stream = CriteoStream(data, batch_size=B, table_sizes=cfg.model.resolved_table_sizes(), epochs=10)
     it = iter(stream)
@@ -152,6 +145,7 @@ def main() -> None:
     our = ours(cfg)
     parts = breakdown(cfg, batches)
     dist.destroy_process_group()
+    shutil.rmtree(tmp, ignore_errors=True)
     print(
         json.dumps(
             {
