@@ -162,13 +162,21 @@ def quality(pred: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` on rank 0: one JSON object per line, appended (resumed runs continue it)."""
+    """``metrics.jsonl`` on rank 0: one JSON object per line. A resumed run continues the file from its
+    checkpoint's step: records of the steps it is about to replay are dropped, so no step appears twice."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0) -> None:
         self.enabled = enabled
         self.f = None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                kept = [
+                    line
+                    for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                ]
+                path.write_text("".join(line + "\n" for line in kept))
             self.f = path.open("a")
 
     def write(self, **record: Any) -> None:
@@ -203,7 +211,7 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
     step, loader_state, resumed_from = ckpt.maybe_resume(model, optimizer)
     if loader_state is not None:
         stream.load_state_dict(loader_state)
-    log = MetricsLog(gdir / "metrics.jsonl", ctx.is_main)
+    log = MetricsLog(gdir / "metrics.jsonl", ctx.is_main, resume_step=step)
     if resumed_from is not None and ctx.is_main:
         print(f"[group {group}] resumed from {resumed_from} at step {step}", flush=True)
         log.write(event="resume", step=step, path=str(resumed_from))

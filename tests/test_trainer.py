@@ -37,6 +37,8 @@ def test_resume_continues_exactly(data, tmp_path, dense_optimizer, capsys):
     run(tiny_config(data, tmp_path / "resumed", "train.max_steps=12", *opt))
     run(tiny_config(data, tmp_path / "resumed", "train.max_steps=24", *opt))
     assert "differs from the one it was started with" in capsys.readouterr().err  # max_steps changed
+    steps = [m["step"] for m in metrics(tmp_path / "resumed") if "loss" in m]
+    assert steps == sorted(set(steps)) and steps[-1] == 24
     assert any(m.get("event") == "resume" and m["step"] == 12 for m in metrics(tmp_path / "resumed"))
     wa, wb = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     for k in wa:
