@@ -54,7 +54,7 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 _WRAPPER_PREFIX = "model."
 
 
-def _is_wrapped(model: nn.Module) -> bool:
+def is_wrapped(model: nn.Module) -> bool:
     """True for DMP(CodistillTrain(model)), the layout TrainPipelineSparseDist needs."""
     from recsys_codistill.codistill import CodistillTrain
 
@@ -65,15 +65,25 @@ def model_state_dict(model: nn.Module) -> dict[str, Any]:
     """The model's state dict under the bare model's keys, whether or not it is wrapped for the pipeline,
     so checkpoints and exchanged teachers are interchangeable between the two training loops."""
     sd = model.state_dict()
-    if _is_wrapped(model):
+    if is_wrapped(model):
         sd = {k[len(_WRAPPER_PREFIX) :]: v for k, v in sd.items()}
     return sd
 
 
 def load_model_state_dict(model: nn.Module, sd: dict[str, Any]) -> None:
-    if _is_wrapped(model):
+    if is_wrapped(model):
         sd = {_WRAPPER_PREFIX + k: v for k, v in sd.items()}
     model.load_state_dict(sd)
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (identity outside a multi-rank world): decisions taken from the
+    filesystem must be taken once, or ranks may disagree and split collectives."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _barrier() -> None:
@@ -172,11 +182,8 @@ class Checkpointer:
     def maybe_resume(self, model: nn.Module, optimizer: Any) -> tuple[int, dict[str, Any] | None, Path | None]:
         if not self.cfg.resume:
             return 0, None, None
-        path = latest_checkpoint(self.dir) if _rank() == 0 else None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            box = [path]  # rank 0 decides: every rank must load the same checkpoint
-            dist.broadcast_object_list(box, src=0)
-            path = box[0]
+        # rank 0 decides: every rank must load the same checkpoint
+        path = broadcast_from_rank0(latest_checkpoint(self.dir) if _rank() == 0 else None)
         if path is None:
             return 0, None, None
         step, loader_state = self.load(path, model, optimizer)

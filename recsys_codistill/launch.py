@@ -30,15 +30,13 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.sharding.backend == "nccl" and not torch_cuda_available():
         raise ConfigError("sharding.backend = 'nccl' needs CUDA; use gloo (or auto) on CPU")
     world = cfg.sharding.nproc * cfg.sharding.nnodes
-    for g in range(cfg.codistill.num_groups):
-        for r in range(world):
-            # Builds the row-group assignment from the manifest and Parquet footers only (cheap): a missing
-            # data set, a bad file or too few row groups for num_groups x ranks fails here, named.
-            CriteoStream(
-                cfg.data.train_dir, batch_size=cfg.data.batch_size // world, table_sizes=cfg.model.resolved_table_sizes(),
-                group=g, num_groups=cfg.codistill.num_groups, rank=r, world_size=world,
-                shared=cfg.codistill.data == "shared" or cfg.codistill.num_groups == 1, epochs=cfg.data.epochs,
-            ).num_batches()
+    # Reads the manifest and Parquet footers only (cheap), and sizes every (group, rank) worker's share: a
+    # missing data set, a bad file or too few row groups for num_groups x ranks fails here, named.
+    CriteoStream(
+        cfg.data.train_dir, batch_size=cfg.data.batch_size // world, table_sizes=cfg.model.resolved_table_sizes(),
+        num_groups=cfg.codistill.num_groups, world_size=world,
+        shared=cfg.codistill.data == "shared" or cfg.codistill.num_groups == 1, epochs=cfg.data.epochs,
+    )
     if cfg.data.valid_dir:
         CriteoStream(cfg.data.valid_dir, batch_size=8, table_sizes=cfg.model.resolved_table_sizes(), shuffle=False, drop_last=False)
 

@@ -260,3 +260,13 @@ def calibration(labels: Any, probs: Any, sample_weight: Any = None) -> float:
         pc = p[start : start + _CHUNK].astype(np.float64)
         sum_p += float(pc.sum() if w is None else np.dot(pc, w[start : start + _CHUNK]))
     return sum_p / pos
+
+
+def summary(labels: Any, probs: Any) -> dict[str, float]:
+    """The per-model quality block used by training logs and the study: AUC, log loss, NE, calibration."""
+    return {
+        "auc": roc_auc(labels, probs),
+        "log_loss": log_loss(labels, probs),
+        "ne": normalized_entropy(labels, probs),
+        "calibration": calibration(labels, probs),
+    }

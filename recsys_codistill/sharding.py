@@ -40,6 +40,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from data_pipeline.schema import SPARSE_COLUMNS
 from models import table_name
 from recsys_codistill.config import ModelConfig, OptimConfig, ShardingConfig
 
@@ -76,8 +77,6 @@ def table_constraints(model_cfg: ModelConfig, sharding_type: str) -> dict[str, P
     """Pin every table to the configured sharding type and kernel (fused for sharded tables; replicated
     data_parallel tables use the dense kernel, the only one TorchRec offers for them)."""
     kernel = "dense" if sharding_type == "data_parallel" else "fused"
-    from data_pipeline.schema import SPARSE_COLUMNS
-
     return {
         table_name(f): ParameterConstraints(sharding_types=[sharding_type], compute_kernels=[kernel])
         for f in SPARSE_COLUMNS[: len(model_cfg.resolved_table_sizes())]

@@ -34,6 +34,7 @@ from recsys_codistill.config import (
     to_dict,
     to_toml,
 )
+from recsys_codistill.metrics import summary
 
 METHODS = ("baseline", "ensemble", "codistill")
 
@@ -209,17 +210,6 @@ def learning_curve(cfg: RunConfig, group: int = 0) -> list[tuple[int, float]]:
 # measuring
 
 
-def quality(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    from recsys_codistill import metrics
-
-    return {
-        "log_loss": metrics.log_loss(y, p),
-        "auc": metrics.roc_auc(y, p),
-        "ne": metrics.normalized_entropy(y, p),
-        "calibration": metrics.calibration(y, p),
-    }
-
-
 def measure_pair(a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: float, study: StudyConfig, rep: int) -> dict[str, Any]:
     from recsys_codistill.churn import align, churn_report
 
@@ -227,8 +217,8 @@ def measure_pair(a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: 
     report = churn_report(al.p_a, al.p_b, threshold=threshold, bootstrap=study.bootstrap, seed=study.seed * 1000 + rep)
     y = a["label"].astype(np.float64)
     return {
-        "quality_a": quality(y, a["probability"]),
-        "quality_b": quality(y, b["probability"]),
+        "quality_a": summary(y, a["probability"]),
+        "quality_b": summary(y, b["probability"]),
         "churn": report,
     }
 
@@ -285,18 +275,14 @@ def paired_vs_baseline(per_repeat: dict[str, list[dict[str, Any]]], seed: int, r
     return out
 
 
-def bayes_reference(root: Path, valid: Path) -> dict[str, float] | None:
-    """Bayes-optimal metrics on the hold-out when the data is synthetic (truth.parquet is known)."""
+def bayes_reference(root: Path, holdout: dict[str, np.ndarray]) -> dict[str, float] | None:
+    """Bayes-optimal metrics on the hold-out rows (``holdout``: row_id and label of any model's
+    predictions) when the data is synthetic and truth.parquet is known."""
     truth = root / "raw" / "truth.parquet"
     if not truth.is_file():
         return None
-    t = pq.read_table(truth)
-    ids = row_ids(valid)
-    prob = t["probability"].to_numpy()[ids]
-    labels = np.concatenate(
-        [pq.read_table(valid / f["path"], columns=["label"])["label"].to_numpy() for f in json.loads((valid / "manifest.json").read_text())["files"]]
-    ).astype(np.float64)
-    return quality(labels, prob)
+    prob = pq.read_table(truth, columns=["probability"])["probability"].to_numpy()[holdout["row_id"]]
+    return summary(holdout["label"].astype(np.float64), prob)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,7 +359,7 @@ def run(study: StudyConfig, base: RunConfig, config_text: str = "", variants: di
         "study": to_dict(study),
         "base_config": to_dict(base),
         "holdout": holdout,
-        "bayes_optimal": bayes_reference(root, valid),
+        "bayes_optimal": bayes_reference(root, predictions(baselines[(0, 0)], valid)),
         "table": table,
         "per_repeat": per_repeat,
         "paired_vs_baseline": paired_vs_baseline(per_repeat, study.seed),

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from recsys_codistill.checkpoint import model_state_dict
+from recsys_codistill.checkpoint import broadcast_from_rank0, model_state_dict
 from recsys_codistill.config import RunConfig
 
 _PREFIX = "step_"
@@ -130,14 +130,6 @@ def publish(root: Path, group: int, step: int, model: nn.Module, plan_text: str 
     return final
 
 
-def _broadcast(value: Any) -> Any:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class TeacherExchange:
     """Publishes this group's model and serves the peers' stale copies as frozen teachers."""
 
@@ -182,7 +174,7 @@ class TeacherExchange:
         that never delivers ends in a clear error instead of a silent hang."""
         t0 = time.perf_counter()
         while True:
-            target = _broadcast(self._find(peer, step) if self.ctx.rank == 0 else None)
+            target = broadcast_from_rank0(self._find(peer, step) if self.ctx.rank == 0 else None)
             if target is not None:
                 break
             waited = time.perf_counter() - t0
@@ -243,7 +235,7 @@ class TeacherExchange:
         """Publish the version peers need right at ``step`` (0 at a fresh start; after a resume, the
         version of the resumed step if it is a multiple of K)."""
         version = step - step % self.cfg.exchange_every
-        exists = _broadcast(version_dir(self.root, self.group, step).exists() if self.ctx.rank == 0 else None)
+        exists = broadcast_from_rank0(version_dir(self.root, self.group, step).exists() if self.ctx.rank == 0 else None)
         if self._useful(version) and version == step and not exists:
             self.publish(model, step)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from data_pipeline.loader import CriteoStream
 from models import build_model
-from recsys_codistill.checkpoint import Checkpointer
+from recsys_codistill.checkpoint import Checkpointer, is_wrapped
 from recsys_codistill.codistill import CodistillTrain, codistill_loss
 from recsys_codistill.config import RunConfig
 from recsys_codistill.sharding import plan_summary, shard_model
@@ -125,7 +125,7 @@ def predict_stream(model: nn.Module, stream: CriteoStream, ctx: DistContext) -> 
     ids, labels, logits = [], [], []
     for batch in stream:
         batch = batch.to(ctx.device)
-        if isinstance(getattr(model, "module", None), CodistillTrain):
+        if is_wrapped(model):
             out = model(batch)[1][1].float()  # (loss, (parts, logits, labels))
         else:
             out = model(batch.dense_features, batch.sparse_features).float()
@@ -151,14 +151,7 @@ def quality(pred: dict[str, np.ndarray]) -> dict[str, float]:
     from recsys_codistill import metrics
 
     p = 1.0 / (1.0 + np.exp(-pred["logit"]))
-    y = pred["label"]
-    return {
-        "auc": metrics.roc_auc(y, p),
-        "log_loss": metrics.log_loss(y, p),
-        "ne": metrics.normalized_entropy(y, p),
-        "calibration": metrics.calibration(y, p),
-        "rows": int(len(y)),
-    }
+    return {**metrics.summary(pred["label"], p), "rows": int(len(p))}
 
 
 class MetricsLog:
