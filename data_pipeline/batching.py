@@ -10,6 +10,11 @@ Conventions (DESIGN.md section 3):
   values laid out key-major (all of C1's ids, then C2's, ...) as KJT expects. Row 0 of each table is
   reserved for "missing"; a present 32-bit id goes to ``1 + id % (size - 1)`` (``"mod"``) or
   ``1 + mix64(id, feature, hash_seed) % (size - 1)`` (``"hash"``).
+- optional dense buckets (``dense_buckets = N > 0``): 13 more keys ``I1_bucket..I13_bucket`` after C26,
+  each dense value binned into an N-row table (:func:`bucketize_dense`): missing -> 0, negative -> 1,
+  0, 1, 2 -> 2, 3, 4, ``v > 2`` -> ``4 + floor(ln(v)^2)``, capped at N - 1 (N = 464 bins every int32). The raw dense transform above drops whether a
+  value was missing and how it falls in fine bins; a learned vector per bin gives the model both (it is what
+  the classic hashed logistic-regression baseline sees).
 - labels ``[B]`` float32 (a null label, as in unlabelled test files, becomes 0).
 - row_ids ``[B]`` int64, ``-1`` for padding rows (which have label 0 and every feature missing).
 
@@ -38,9 +43,11 @@ from data_pipeline.schema import (
     ROW_ID_COLUMN,
     SPARSE_COLUMNS,
 )
+from data_pipeline.vocab import IdVocabulary
 
 IdMapping = Literal["mod", "hash"]
 SPARSE_KEYS: list[str] = list(SPARSE_COLUMNS)
+BUCKET_KEYS: list[str] = [f"{c}_bucket" for c in DENSE_COLUMNS]
 _INT32_MAX = 2**31 - 1
 
 
@@ -104,27 +111,67 @@ def map_ids(
     feature: int,
     id_mapping: IdMapping = "mod",
     hash_seed: int = 0,
+    rare: np.ndarray | None = None,
 ) -> np.ndarray:
     """Map raw 32-bit ids of feature ``feature`` (0-based) to rows of a ``size``-row table (int32).
 
     ``valid`` is the non-null mask (None = all present); missing values map to the reserved row 0.
+    ``rare`` (with a frequency threshold, see :mod:`data_pipeline.vocab`) marks ids outside the vocabulary:
+    they map to the reserved row 1, and kept ids to rows ``2 .. size - 1``.
     """
-    if size < 2:
-        raise ValueError(f"table C{feature + 1} has {size} rows; it needs >= 2 (row 0 is reserved)")
+    reserved = 1 if rare is None else 2
+    if size < reserved + 1:
+        raise ValueError(
+            f"table C{feature + 1} has {size} rows; it needs >= {reserved + 1} "
+            f"(row 0 is reserved for missing{', row 1 for rare ids' if rare is not None else ''})"
+        )
     if size - 1 > _INT32_MAX:
         raise ValueError(f"table C{feature + 1} has {size} rows; at most 2^31 are supported")
     if id_mapping == "mod":
         # uint32 arithmetic is exact here (ids < 2^32, size - 1 < 2^31) and ~2x faster than int64.
-        out = (np.asarray(ids, dtype=np.uint32) % np.uint32(size - 1)).astype(np.int32)
+        out = (np.asarray(ids, dtype=np.uint32) % np.uint32(size - reserved)).astype(np.int32)
     elif id_mapping == "hash":
         h = _mix64(np.asarray(ids, dtype=np.uint64) ^ _feature_salt(feature, hash_seed))
-        out = (h % np.uint64(size - 1)).astype(np.int32)
+        out = (h % np.uint64(size - reserved)).astype(np.int32)
     else:
         raise ValueError(f"id_mapping must be 'mod' or 'hash', got {id_mapping!r}")
-    out += 1
+    out += reserved
+    if rare is not None:
+        out[rare] = 1
     if valid is not None:
         out[~valid] = 0
     return out
+
+
+def sparse_keys(dense_buckets: int = 0) -> list[str]:
+    """The KJT keys a batch carries: ``C1..C26``, then ``I1_bucket..I13_bucket`` when dense buckets are on."""
+    return SPARSE_KEYS + BUCKET_KEYS if dense_buckets else list(SPARSE_KEYS)
+
+
+def bucketize_dense(values: np.ndarray, valid: np.ndarray | None, num_buckets: int) -> np.ndarray:
+    """Bin raw integer dense values into rows of a ``num_buckets``-row table (int32).
+
+    missing -> 0, negative -> 1, ``0, 1, 2`` -> ``2, 3, 4``, ``v > 2`` -> ``4 + floor(ln(v)^2)`` capped at
+    ``num_buckets - 1`` (``ln(2^31)^2 < 460``, so 464 rows give every int32 its bin). This is the binning of
+    the Criteo challenge's winning entry: small counts keep their own bins, large ones merge on a squared-log
+    scale.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        large = 4.0 + np.floor(np.square(np.log(v)))
+    bins = np.where(v > 2, large, v + 2.0)
+    out = np.minimum(bins, num_buckets - 1).astype(np.int32)
+    out[v < 0] = 1
+    if valid is not None:
+        out[~valid] = 0
+    return out
+
+
+def check_dense_buckets(dense_buckets: int) -> None:
+    if dense_buckets != 0 and not 3 <= int(dense_buckets) <= _INT32_MAX:
+        raise ValueError(
+            f"dense_buckets = {dense_buckets}; expected 0 (off) or >= 3 (missing, negative and >= 1 bin of v >= 0)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,19 +198,19 @@ class DecodedRows:
     row_ids: np.ndarray  # int64 [n]
     labels: np.ndarray  # float32 [n]
     dense: np.ndarray  # float32 [n, 13], transformed
-    sparse: np.ndarray  # int32 [n, 26], table rows
+    sparse: np.ndarray  # int32 [n, 26] (or [n, 39] with dense buckets), table rows
 
     def __len__(self) -> int:
         return len(self.row_ids)
 
     @staticmethod
-    def empty(n: int) -> DecodedRows:
+    def empty(n: int, dense_buckets: int = 0) -> DecodedRows:
         """``n`` padding rows: row_id -1, label 0, dense 0 (= missing), every id missing (row 0)."""
         return DecodedRows(
             row_ids=np.full(n, -1, dtype=np.int64),
             labels=np.zeros(n, dtype=np.float32),
             dense=np.zeros((n, NUM_DENSE), dtype=np.float32),
-            sparse=np.zeros((n, NUM_SPARSE), dtype=np.int32),
+            sparse=np.zeros((n, len(sparse_keys(dense_buckets))), dtype=np.int32),
         )
 
     def take(self, idx: np.ndarray | slice) -> DecodedRows:
@@ -183,12 +230,13 @@ class DecodedRows:
     def to_batch(self) -> RowBatch:
         """A :class:`RowBatch` of these rows (copies into fresh, contiguous tensors)."""
         n = len(self)
-        # Key-major values: transpose [n, 26] -> [26, n], flatten; int64 is what the embedding kernels take.
+        # Key-major values: transpose [n, F] -> [F, n], flatten; int64 is what the embedding kernels take.
         values = torch.from_numpy(np.ascontiguousarray(self.sparse.T, dtype=np.int64).reshape(-1))
+        num_keys = self.sparse.shape[1]
         kjt = KeyedJaggedTensor(
-            keys=SPARSE_KEYS,
+            keys=SPARSE_KEYS if num_keys == NUM_SPARSE else SPARSE_KEYS + BUCKET_KEYS,
             values=values,
-            lengths=torch.ones(NUM_SPARSE * n, dtype=torch.int32),
+            lengths=torch.ones(num_keys * n, dtype=torch.int32),
             stride=n,
         )
         return RowBatch(
@@ -206,23 +254,30 @@ def decode_into(
     table_sizes: Sequence[int],
     id_mapping: IdMapping = "mod",
     hash_seed: int = 0,
+    dense_buckets: int = 0,
+    vocab: IdVocabulary | None = None,
 ) -> None:
-    """Transform ``table`` (ingested Parquet schema) into ``out`` rows ``[offset, offset + len(table))``."""
+    """Transform ``table`` (ingested Parquet schema) into ``out`` rows ``[offset, offset + len(table))``.
+
+    ``out`` must have been made with the same ``dense_buckets`` (its sparse width is 26 or 39)."""
     n = table.num_rows
     sl = slice(offset, offset + n)
     out.row_ids[sl] = _column(table, ROW_ID_COLUMN).to_numpy(zero_copy_only=False)
     labels, _ = _filled(_column(table, LABEL_COLUMN))
     out.labels[sl] = labels
     dense = out.dense[sl]
+    sparse = out.sparse[sl]
     for j, name in enumerate(DENSE_COLUMNS):
         # Missing -> 0 is fill_null(0); negatives -> 0 is the max; both before log1p (DLRM convention).
-        values, _ = _filled(_column(table, name))
+        values, valid = _filled(_column(table, name))
         dense[:, j] = np.maximum(values, 0)
+        if dense_buckets:
+            sparse[:, NUM_SPARSE + j] = bucketize_dense(values, valid, dense_buckets)
     np.log1p(dense, out=dense)
-    sparse = out.sparse[sl]
     for f, name in enumerate(SPARSE_COLUMNS):
         values, valid = _filled(_column(table, name))
-        sparse[:, f] = map_ids(values, valid, table_sizes[f], f, id_mapping, hash_seed)
+        rare = None if vocab is None else ~vocab.is_kept(f, values)
+        sparse[:, f] = map_ids(values, valid, table_sizes[f], f, id_mapping, hash_seed, rare)
 
 
 def decode(
@@ -230,11 +285,14 @@ def decode(
     table_sizes: Sequence[int],
     id_mapping: IdMapping = "mod",
     hash_seed: int = 0,
+    dense_buckets: int = 0,
+    vocab: IdVocabulary | None = None,
 ) -> DecodedRows:
     """Transform a whole Arrow table/record batch (ingested Parquet schema) into :class:`DecodedRows`."""
-    check_table_sizes(table_sizes)
-    out = DecodedRows.empty(table.num_rows)
-    decode_into(table, out, 0, table_sizes, id_mapping, hash_seed)
+    check_table_sizes(table_sizes, vocab)
+    check_dense_buckets(dense_buckets)
+    out = DecodedRows.empty(table.num_rows, dense_buckets)
+    decode_into(table, out, 0, table_sizes, id_mapping, hash_seed, dense_buckets, vocab)
     return out
 
 
@@ -243,14 +301,17 @@ def table_to_batch(
     table_sizes: Sequence[int],
     id_mapping: IdMapping = "mod",
     hash_seed: int = 0,
+    dense_buckets: int = 0,
+    vocab: IdVocabulary | None = None,
 ) -> RowBatch:
     """One :class:`RowBatch` holding every row of ``table`` (e.g. a slice of a record batch)."""
-    return decode(table, table_sizes, id_mapping, hash_seed).to_batch()
+    return decode(table, table_sizes, id_mapping, hash_seed, dense_buckets, vocab).to_batch()
 
 
-def check_table_sizes(table_sizes: Sequence[int]) -> None:
+def check_table_sizes(table_sizes: Sequence[int], vocab: IdVocabulary | None = None) -> None:
     if len(table_sizes) != NUM_SPARSE:
         raise ValueError(f"table_sizes has {len(table_sizes)} entries; expected {NUM_SPARSE} (C1..C26)")
+    low, why = (2, "row 0 = missing") if vocab is None else (3, "row 0 = missing, row 1 = rare ids")
     for f, s in enumerate(table_sizes):
-        if not 2 <= int(s) <= _INT32_MAX:
-            raise ValueError(f"table_sizes[{f}] (C{f + 1}) = {s}; expected 2 .. 2^31-1 (row 0 = missing)")
+        if not low <= int(s) <= _INT32_MAX:
+            raise ValueError(f"table_sizes[{f}] (C{f + 1}) = {s}; expected {low} .. 2^31-1 ({why})")

@@ -42,9 +42,17 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset
 
-from data_pipeline.batching import DecodedRows, IdMapping, RowBatch, check_table_sizes, decode_into
+from data_pipeline.batching import (
+    DecodedRows,
+    IdMapping,
+    RowBatch,
+    check_dense_buckets,
+    check_table_sizes,
+    decode_into,
+)
 from data_pipeline.schema import parquet_schema
 from data_pipeline.sharding import RowGroup, assign_row_groups, cap_rows, rows_per_worker
+from data_pipeline.vocab import IdVocabulary
 
 STATE_VERSION = 1
 # Tags that keep the RNG streams of different purposes apart.
@@ -112,6 +120,9 @@ class CriteoStream(IterableDataset):
         epochs: passes over this worker's data.
         id_mapping, hash_seed: how raw ids become table rows (see :mod:`data_pipeline.batching`);
             ``hash_seed`` is a model property, independent of ``seed``.
+        dense_buckets: 0, or the row count of 13 extra tables ``I1_bucket..I13_bucket`` that every batch
+            then carries as sparse features (see :func:`data_pipeline.batching.bucketize_dense`).
+        vocab: frequency threshold (:mod:`data_pipeline.vocab`): ids outside it go to row 1 of their table.
         drop_last: True for training (equal truncated epochs); False for prediction (pad, lose nothing).
         max_rows: use only the first ``max_rows`` rows of the dataset (0 = all), before sharding.
         use_threads: let pyarrow decode columns on several threads (off by default so the loader does not
@@ -143,6 +154,8 @@ class CriteoStream(IterableDataset):
         max_rows: int = 0,
         hash_seed: int = 0,
         use_threads: bool = False,
+        dense_buckets: int = 0,
+        vocab: IdVocabulary | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -151,7 +164,8 @@ class CriteoStream(IterableDataset):
             raise ValueError("shuffle_window and epochs must be >= 1")
         if id_mapping not in ("mod", "hash"):
             raise ValueError(f"id_mapping must be 'mod' or 'hash', got {id_mapping!r}")
-        check_table_sizes(table_sizes)
+        check_table_sizes(table_sizes, vocab)
+        check_dense_buckets(dense_buckets)
         self.data_dir = Path(data_dir)
         self.batch_size = int(batch_size)
         self.table_sizes = tuple(int(s) for s in table_sizes)
@@ -167,6 +181,8 @@ class CriteoStream(IterableDataset):
         self.max_rows = int(max_rows)
         self.hash_seed = int(hash_seed)
         self.use_threads = bool(use_threads)
+        self.dense_buckets = int(dense_buckets)
+        self.vocab = vocab
 
         manifest_path, files = read_manifest(self.data_dir)
         self._paths = [self.data_dir / f["path"] for f in files]
@@ -306,7 +322,7 @@ class CriteoStream(IterableDataset):
         return pf
 
     def _read_window(self, rgs: Sequence[RowGroup]) -> DecodedRows:
-        out = DecodedRows.empty(sum(rg.num_rows for rg in rgs))
+        out = DecodedRows.empty(sum(rg.num_rows for rg in rgs), self.dense_buckets)
         offset = 0
         for rg in rgs:
             try:
@@ -315,7 +331,16 @@ class CriteoStream(IterableDataset):
                 raise DatasetError(f"{self._paths[rg.file]}: cannot read row group {rg.index} ({e})") from e
             if table.num_rows != rg.num_rows:
                 table = table.slice(0, rg.num_rows)  # a max_rows cap uses a prefix of the group
-            decode_into(table, out, offset, self.table_sizes, self.id_mapping, self.hash_seed)
+            decode_into(
+                table,
+                out,
+                offset,
+                self.table_sizes,
+                self.id_mapping,
+                self.hash_seed,
+                self.dense_buckets,
+                self.vocab,
+            )
             offset += rg.num_rows
         return out
 
@@ -339,7 +364,7 @@ class CriteoStream(IterableDataset):
         if not self.drop_last:
             pad = self._num_batches * self.batch_size - max(start_row, real)
             if pad > 0:
-                yield DecodedRows.empty(pad), slice(0, pad)
+                yield DecodedRows.empty(pad, self.dense_buckets), slice(0, pad)
 
     def _batches(self, first_batch: int) -> Iterator[RowBatch]:
         B = self.batch_size

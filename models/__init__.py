@@ -18,7 +18,16 @@ from models.mlp import PaperMLP
 
 ARCHS = ("dlrm", "dcn", "mlp")
 
-__all__ = ["ARCHS", "DCN", "DLRM", "PaperMLP", "build_ebc", "build_model", "embedding_bag_configs", "table_name"]
+__all__ = [
+    "ARCHS",
+    "DCN",
+    "DLRM",
+    "PaperMLP",
+    "build_ebc",
+    "build_model",
+    "embedding_bag_configs",
+    "table_name",
+]
 
 
 def build_model(
@@ -32,17 +41,21 @@ def build_model(
     dcn_low_rank: int = 64,
     mlp_layers: Sequence[int] = (2560, 1024, 256),
     num_dense: int = NUM_DENSE,
+    dense_buckets: int = 0,
     device: str | torch.device = "meta",
     dense_device: str | torch.device | None = None,
 ) -> nn.Module:
     """Build a model with its embedding tables on ``device`` (``meta``: no memory until DMP shards them)
-    and dense layers on ``dense_device`` (defaults to ``device``)."""
-    ebc = build_ebc(table_sizes, embedding_dim, device)
+    and dense layers on ``dense_device`` (defaults to ``device``). ``dense_buckets > 0`` adds 13 tables for the
+    binned dense features, which the batches must then carry (``CriteoStream(dense_buckets=...)``)."""
+    ebc = build_ebc(table_sizes, embedding_dim, device, dense_buckets)
     dd = torch.device(dense_device if dense_device is not None else device)
     if arch == "dlrm":
         return DLRM(ebc, num_dense, list(dense_arch), list(over_arch), dense_device=dd)
     if arch == "dcn":
-        return DCN(ebc, num_dense, list(dense_arch), list(over_arch), dcn_num_layers, dcn_low_rank, dense_device=dd)
+        return DCN(
+            ebc, num_dense, list(dense_arch), list(over_arch), dcn_num_layers, dcn_low_rank, dense_device=dd
+        )
     if arch == "mlp":
         return PaperMLP(ebc, num_dense, list(mlp_layers), dense_device=dd)
     raise ValueError(f"unknown model arch {arch!r}; expected one of {ARCHS}")

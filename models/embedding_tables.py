@@ -1,4 +1,5 @@
-"""The 26 Criteo categorical features as TorchRec embedding tables (one table per feature)."""
+"""The 26 Criteo categorical features as TorchRec embedding tables (one table per feature), plus, optionally,
+13 tables for the binned dense features (``I1_bucket..I13_bucket``, see ``data_pipeline.batching``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from data_pipeline.batching import sparse_keys
 from data_pipeline.schema import SPARSE_COLUMNS
 
 
@@ -33,9 +35,17 @@ def embedding_bag_configs(
 
 
 def build_ebc(
-    table_sizes: Sequence[int], embedding_dim: int, device: str | torch.device = "meta"
+    table_sizes: Sequence[int],
+    embedding_dim: int,
+    device: str | torch.device = "meta",
+    dense_buckets: int = 0,
 ) -> EmbeddingBagCollection:
-    """An EmbeddingBagCollection on ``device`` (``meta`` by default: DMP materialises the shards)."""
+    """An EmbeddingBagCollection on ``device`` (``meta`` by default: DMP materialises the shards).
+
+    ``dense_buckets > 0`` adds one ``dense_buckets``-row table per dense feature after the 26 categorical ones.
+    """
+    sizes = list(table_sizes) + ([dense_buckets] * (len(sparse_keys(dense_buckets)) - len(SPARSE_COLUMNS)))
     return EmbeddingBagCollection(
-        tables=embedding_bag_configs(table_sizes, embedding_dim), device=torch.device(device)
+        tables=embedding_bag_configs(sizes, embedding_dim, sparse_keys(dense_buckets)),
+        device=torch.device(device),
     )

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from recsys_codistill.config import ConfigError, RunConfig, save_resolved, to_toml
+from recsys_codistill.features import prepare_vocab
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -24,21 +25,37 @@ def preflight(cfg: RunConfig) -> None:
     from data_pipeline.loader import CriteoStream
 
     if not cfg.data.train_dir:
-        raise ConfigError("data.train_dir is not set (an ingested Parquet directory, see `recsys-codistill ingest`)")
-    if cfg.sharding.sharding_type == "row_wise" and not (cfg.sharding.device != "cpu" and torch_cuda_available()):
-        raise ConfigError("sharding.sharding_type = 'row_wise' needs CUDA; TorchRec's CPU planner does not offer it")
+        raise ConfigError(
+            "data.train_dir is not set (an ingested Parquet directory, see `recsys-codistill ingest`)"
+        )
+    if cfg.sharding.sharding_type == "row_wise" and not (
+        cfg.sharding.device != "cpu" and torch_cuda_available()
+    ):
+        raise ConfigError(
+            "sharding.sharding_type = 'row_wise' needs CUDA; TorchRec's CPU planner does not offer it"
+        )
     if cfg.sharding.backend == "nccl" and not torch_cuda_available():
         raise ConfigError("sharding.backend = 'nccl' needs CUDA; use gloo (or auto) on CPU")
     world = cfg.sharding.nproc * cfg.sharding.nnodes
     # Reads the manifest and Parquet footers only (cheap), and sizes every (group, rank) worker's share: a
     # missing data set, a bad file or too few row groups for num_groups x ranks fails here, named.
     CriteoStream(
-        cfg.data.train_dir, batch_size=cfg.data.batch_size // world, table_sizes=cfg.model.resolved_table_sizes(),
-        num_groups=cfg.codistill.num_groups, world_size=world,
-        shared=cfg.codistill.data == "shared" or cfg.codistill.num_groups == 1, epochs=cfg.data.epochs,
+        cfg.data.train_dir,
+        batch_size=cfg.data.batch_size // world,
+        table_sizes=cfg.model.resolved_table_sizes(),
+        num_groups=cfg.codistill.num_groups,
+        world_size=world,
+        shared=cfg.codistill.data == "shared" or cfg.codistill.num_groups == 1,
+        epochs=cfg.data.epochs,
     )
     if cfg.data.valid_dir:
-        CriteoStream(cfg.data.valid_dir, batch_size=8, table_sizes=cfg.model.resolved_table_sizes(), shuffle=False, drop_last=False)
+        CriteoStream(
+            cfg.data.valid_dir,
+            batch_size=8,
+            table_sizes=cfg.model.resolved_table_sizes(),
+            shuffle=False,
+            drop_last=False,
+        )
 
 
 def warn_if_config_changed(cfg: RunConfig, run_dir: Path) -> None:
@@ -51,7 +68,9 @@ def warn_if_config_changed(cfg: RunConfig, run_dir: Path) -> None:
     new_text = to_toml(cfg)
     diff = [
         line
-        for line in difflib.unified_diff(old.read_text().splitlines(), new_text.splitlines(), lineterm="", n=0)
+        for line in difflib.unified_diff(
+            old.read_text().splitlines(), new_text.splitlines(), lineterm="", n=0
+        )
         if line[:1] in "+-" and not line.startswith(("+++", "---"))
     ]
     if diff:
@@ -74,7 +93,10 @@ def fresh_start(cfg: RunConfig) -> bool:
 
     if not cfg.checkpoint.resume:
         return True
-    return all(latest_checkpoint(Path(cfg.run_dir) / f"group{g}" / "checkpoints") is None for g in range(cfg.codistill.num_groups))
+    return all(
+        latest_checkpoint(Path(cfg.run_dir) / f"group{g}" / "checkpoints") is None
+        for g in range(cfg.codistill.num_groups)
+    )
 
 
 def torchrun_command(cfg: RunConfig, config_path: Path, group: int) -> list[str]:
@@ -117,10 +139,14 @@ def launch(cfg: RunConfig, *, quiet: bool = False) -> int:
         # Versions left by an earlier attempt in this run directory must never serve as teachers.
         shutil.rmtree(exchange)
     warn_if_config_changed(cfg, run_dir)
+    # Counted here, once, before any worker starts: every rank of every group then loads the same file.
+    prepare_vocab(cfg, rebuild=fresh_start(cfg))
     config_path = save_resolved(cfg, run_dir)
     env = dict(os.environ)
     # Each rank is one process; without this every rank starts one OpenMP thread per core and they fight.
-    threads = cfg.sharding.threads or max(1, (os.cpu_count() or 1) // (cfg.sharding.nproc * cfg.codistill.num_groups))
+    threads = cfg.sharding.threads or max(
+        1, (os.cpu_count() or 1) // (cfg.sharding.nproc * cfg.codistill.num_groups)
+    )
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("PYTHONWARNINGS", "ignore")
     procs: list[subprocess.Popen] = []

@@ -19,17 +19,21 @@ from torch import nn
 from data_pipeline.loader import CriteoStream
 from models import build_model
 from recsys_codistill.checkpoint import latest_checkpoint, load_model_weights
-from recsys_codistill.config import RunConfig, load_config
+from recsys_codistill.config import RunConfig, load_config, replace
+from recsys_codistill.features import stream_options
 from recsys_codistill.sharding import quiet_library_logs
 
 
-def load_run(run_dir: str | Path, group: int = 0, device: str | torch.device = "cpu") -> tuple[RunConfig, nn.Module, int]:
+def load_run(
+    run_dir: str | Path, group: int = 0, device: str | torch.device = "cpu"
+) -> tuple[RunConfig, nn.Module, int]:
     """(config, model with the latest checkpoint's weights, its step) of ``run_dir/group{group}``."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a training run directory?")
-    cfg = load_config(cfg_path)
+    # The run directory may have moved since training: files saved with the run are found from here.
+    cfg = replace(load_config(cfg_path), run_dir=str(run_dir))
     ckpt = latest_checkpoint(run_dir / f"group{group}" / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"no complete checkpoint under {run_dir / f'group{group}' / 'checkpoints'}")
@@ -41,13 +45,14 @@ def load_run(run_dir: str | Path, group: int = 0, device: str | torch.device = "
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, cfg: RunConfig, data_dir: str | Path, batch_size: int = 8192) -> dict[str, np.ndarray]:
+def predict_logits(
+    model: nn.Module, cfg: RunConfig, data_dir: str | Path, batch_size: int = 8192
+) -> dict[str, np.ndarray]:
     stream = CriteoStream(
         data_dir,
         batch_size=batch_size,
-        table_sizes=cfg.model.resolved_table_sizes(),
+        **stream_options(cfg),
         shuffle=False,
-        id_mapping=cfg.data.id_mapping,
         drop_last=False,
     )
     device = next(model.parameters()).device
@@ -90,7 +95,12 @@ def write_predictions(path: str | Path, row_id: np.ndarray, label: np.ndarray, l
 
 
 def predict(
-    runs: Sequence[str | Path], data_dir: str | Path, out: str | Path, *, group: int = 0, batch_size: int = 8192
+    runs: Sequence[str | Path],
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    group: int = 0,
+    batch_size: int = 8192,
 ) -> list[Path]:
     """Write predictions of one run to ``out``; with several runs, ``out`` holds their ensemble (mean of
     probabilities, the paper's ensemble row) and each member goes to ``<out stem>.member{i}.parquet``."""
@@ -108,8 +118,14 @@ def predict(
     for i, m in enumerate(members):
         if not np.array_equal(m["row_id"], members[0]["row_id"]):
             raise ValueError(f"run {runs[i]} predicted different rows than {runs[0]}")
-        written.append(write_predictions(out.with_name(f"{out.stem}.member{i}.parquet"), m["row_id"], m["label"], m["logit"]))
+        written.append(
+            write_predictions(
+                out.with_name(f"{out.stem}.member{i}.parquet"), m["row_id"], m["label"], m["logit"]
+            )
+        )
     p = np.mean([_sigmoid(m["logit"]) for m in members], axis=0)
     p = np.clip(p, 1e-12, 1 - 1e-12)
-    written.insert(0, write_predictions(out, members[0]["row_id"], members[0]["label"], np.log(p) - np.log1p(-p)))
+    written.insert(
+        0, write_predictions(out, members[0]["row_id"], members[0]["label"], np.log(p) - np.log1p(-p))
+    )
     return written

@@ -40,7 +40,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from data_pipeline.schema import SPARSE_COLUMNS
+from data_pipeline.batching import sparse_keys
 from models import table_name
 from recsys_codistill.config import ModelConfig, OptimConfig, ShardingConfig
 
@@ -79,7 +79,7 @@ def table_constraints(model_cfg: ModelConfig, sharding_type: str) -> dict[str, P
     kernel = "dense" if sharding_type == "data_parallel" else "fused"
     return {
         table_name(f): ParameterConstraints(sharding_types=[sharding_type], compute_kernels=[kernel])
-        for f in SPARSE_COLUMNS[: len(model_cfg.resolved_table_sizes())]
+        for f in sparse_keys(model_cfg.dense_buckets)
     }
 
 
@@ -124,7 +124,9 @@ def check_plan(plan: ShardingPlan, constraints: dict[str, ParameterConstraints])
             raise RuntimeError(f"sharding plan left table {name} unsharded; plan: {plan}")
         st, kernel = planned[name]
         if st not in (c.sharding_types or []) or kernel not in (c.compute_kernels or []):
-            raise RuntimeError(f"table {name} planned as {st}/{kernel}, expected {c.sharding_types}/{c.compute_kernels}")
+            raise RuntimeError(
+                f"table {name} planned as {st}/{kernel}, expected {c.sharding_types}/{c.compute_kernels}"
+            )
 
 
 def quiet_library_logs() -> None:
@@ -139,7 +141,9 @@ def plan_summary(plan: ShardingPlan) -> str:
     for module_path, module_plan in plan.plan.items():
         for name, ps in module_plan.items():  # type: ignore[union-attr]
             ranks = ps.ranks if ps.ranks is not None else "all"
-            lines.append(f"  {module_path or '<root>'}.{name}: {ps.sharding_type} / {ps.compute_kernel} on ranks {ranks}")
+            lines.append(
+                f"  {module_path or '<root>'}.{name}: {ps.sharding_type} / {ps.compute_kernel} on ranks {ranks}"
+            )
     return "sharding plan:\n" + "\n".join(sorted(lines, key=lambda s: (len(s.split(":")[0]), s)))
 
 
@@ -256,6 +260,8 @@ def shard_model(
     init_embeddings(dmp, seed)
     optimizer = None
     if optim_cfg is not None:
-        dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), _dense_optimizer(optim_cfg))
+        dense = KeyedOptimizerWrapper(
+            dict(in_backward_optimizer_filter(dmp.named_parameters())), _dense_optimizer(optim_cfg)
+        )
         optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
     return ShardedModel(dmp, optimizer, plan)

@@ -23,6 +23,7 @@ from models import build_model
 from recsys_codistill.checkpoint import Checkpointer, is_wrapped
 from recsys_codistill.codistill import CodistillTrain, codistill_loss
 from recsys_codistill.config import RunConfig
+from recsys_codistill.features import stream_options
 from recsys_codistill.sharding import plan_summary, shard_model
 
 
@@ -62,7 +63,9 @@ def use_sparse_dist_pipeline(cfg: RunConfig, ctx: DistContext) -> bool:
     return cfg.train.pipeline == "sparse_dist"
 
 
-def build_sharded(cfg: RunConfig, ctx: DistContext, seed: int, *, frozen: bool = False, plan=None, wrap: bool = False):  # noqa: ANN001
+def build_sharded(
+    cfg: RunConfig, ctx: DistContext, seed: int, *, frozen: bool = False, plan=None, wrap: bool = False
+):  # noqa: ANN001
     """The group's model on meta, sharded by DMP; ``frozen`` gives a teacher copy (no optimizer).
     ``wrap`` shards ``CodistillTrain(model)`` instead (``batch -> (loss, output)``), the contract of
     TorchRec's train pipelines."""
@@ -87,7 +90,7 @@ def train_stream(cfg: RunConfig, group: int, ctx: DistContext) -> CriteoStream:
     return CriteoStream(
         cfg.data.train_dir,
         batch_size=cfg.data.batch_size // ctx.world_size,
-        table_sizes=cfg.model.resolved_table_sizes(),
+        **stream_options(cfg),
         group=group,
         num_groups=cfg.codistill.num_groups,
         rank=ctx.rank,
@@ -97,21 +100,21 @@ def train_stream(cfg: RunConfig, group: int, ctx: DistContext) -> CriteoStream:
         shuffle_window=cfg.data.shuffle_window,
         seed=group_seed(cfg.train.seed, group),
         epochs=cfg.data.epochs,
-        id_mapping=cfg.data.id_mapping,
         drop_last=True,
     )
 
 
-def eval_stream(cfg: RunConfig, data_dir: str, ctx: DistContext, batch_size: int | None = None) -> CriteoStream:
+def eval_stream(
+    cfg: RunConfig, data_dir: str, ctx: DistContext, batch_size: int | None = None
+) -> CriteoStream:
     """Every row exactly once, in a fixed order; ranks padded to equal batch counts."""
     return CriteoStream(
         data_dir,
         batch_size=batch_size or cfg.data.batch_size // ctx.world_size,
-        table_sizes=cfg.model.resolved_table_sizes(),
+        **stream_options(cfg),
         rank=ctx.rank,
         world_size=ctx.world_size,
         shuffle=False,
-        id_mapping=cfg.data.id_mapping,
         drop_last=False,
         max_rows=cfg.data.valid_max_rows,
     )
@@ -144,7 +147,11 @@ def predict_stream(model: nn.Module, stream: CriteoStream, ctx: DistContext) -> 
     row_ids, y, z = (t.cpu().numpy() for t in local)
     keep = row_ids >= 0  # drop padding rows
     order = np.argsort(row_ids[keep], kind="stable")
-    return {"row_id": row_ids[keep][order], "label": y[keep][order], "logit": z[keep][order].astype(np.float64)}
+    return {
+        "row_id": row_ids[keep][order],
+        "label": y[keep][order],
+        "logit": z[keep][order].astype(np.float64),
+    }
 
 
 def quality(pred: dict[str, np.ndarray]) -> dict[str, float]:
@@ -198,7 +205,9 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
     if cfg.codistill.num_groups > 1:
         from recsys_codistill.teacher_exchange import TeacherExchange
 
-        exchange = TeacherExchange(cfg, group, ctx, lambda: build_sharded(cfg, ctx, seed, frozen=True, plan=sm.plan).model)
+        exchange = TeacherExchange(
+            cfg, group, ctx, lambda: build_sharded(cfg, ctx, seed, frozen=True, plan=sm.plan).model
+        )
 
     ckpt = Checkpointer(gdir / "checkpoints", cfg.checkpoint)
     step, loader_state, resumed_from = ckpt.maybe_resume(model, optimizer)
@@ -219,7 +228,14 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
         from tqdm import tqdm
 
         # one line per group on the same terminal (each group is its own torchrun)
-        bar = tqdm(total=total_steps, initial=step, desc=f"group {group}", unit="step", dynamic_ncols=True, position=group)
+        bar = tqdm(
+            total=total_steps,
+            initial=step,
+            desc=f"group {group}",
+            unit="step",
+            dynamic_ncols=True,
+            position=group,
+        )
 
     # --- the loop --------------------------------------------------------------------------------------
     model.train()
@@ -282,7 +298,12 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
             bar.update(1)
 
         # eval: validation metrics at an interval.
-        if valid is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
+        if (
+            valid is not None
+            and cfg.train.eval_every
+            and step % cfg.train.eval_every == 0
+            and step < total_steps
+        ):
             if pipeline is not None:
                 pipeline.detach()  # restore the sharded modules' own forward for evaluation
             q = quality(predict_stream(model, valid, ctx))

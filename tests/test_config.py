@@ -44,6 +44,8 @@ def test_unknown_section(tmp_path):
         ("model.table_sizes=[5, 5]", "expected 1 or 26"),
         ("data.batch_size=1001", "not divisible"),
         ("optim", "section.key=value"),
+        ("model.dense_buckets=2", "dense_buckets = 2"),
+        ("data.min_id_count=-1", "min_id_count = -1"),
     ],
 )
 def test_bad_values_are_errors(override, match):

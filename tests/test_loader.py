@@ -313,3 +313,38 @@ def test_row_count_mismatch(tiny_parquet: Path) -> None:
     (tiny_parquet / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DatasetError, match="part-00000.parquet: has 37 rows"):
         _stream(tiny_parquet)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dense buckets
+
+
+def test_bucketize_dense_bins() -> None:
+    from data_pipeline.batching import bucketize_dense
+
+    v = np.array([-7, -1, 0, 1, 2, 3, 4, 5, 7, 100, 2**31 - 1, 9], dtype=np.int32)
+    valid = np.ones(len(v), dtype=bool)
+    valid[-1] = False
+    # missing 0, negative 1, 0/1/2 -> 2/3/4, v > 2 -> 4 + floor(ln(v)^2): ln3^2 = 1.2, ln5^2 = 2.6, ln7^2 = 3.8
+    assert bucketize_dense(v, valid, 464).tolist() == [1, 1, 2, 3, 4, 5, 5, 6, 7, 25, 463, 0]
+    assert bucketize_dense(v, None, 6).tolist() == [1, 1, 2, 3, 4, 5, 5, 5, 5, 5, 5, 5]  # capped
+    with pytest.raises(ValueError, match="dense_buckets"):
+        decode(_hand_table(), SIZES, dense_buckets=2)
+
+
+def test_dense_buckets_ride_as_13_more_sparse_keys(tiny_parquet: Path) -> None:
+    from data_pipeline.batching import BUCKET_KEYS
+
+    b = table_to_batch(_hand_table(), SIZES, dense_buckets=464)
+    kjt = b.sparse_features
+    assert kjt.keys() == list(SPARSE_COLUMNS) + BUCKET_KEYS and kjt.stride() == 3
+    # Hand table: row 0 has I_j = j - 1 (I13 = 2^31 - 1), row 1 missing (I13 = 0), row 2 -5 (I13 = 7).
+    assert kjt["I1_bucket"].values().tolist() == [2, 0, 1]
+    assert kjt["I4_bucket"].values().tolist() == [5, 0, 1]
+    assert kjt["I13_bucket"].values().tolist() == [463, 2, 7]  # I13 is 0 (not missing) in row 1
+    # The dense tensor is unchanged by the option.
+    assert torch.equal(b.dense_features, table_to_batch(_hand_table(), SIZES).dense_features)
+    # The stream carries them, padding rows included.
+    batches = list(_stream(tiny_parquet, dense_buckets=16, shuffle=False, drop_last=False, batch_size=16))
+    assert all(x.sparse_features.keys()[-1] == "I13_bucket" for x in batches)
+    assert batches[-1].sparse_features.values().numel() == 39 * 16

@@ -46,3 +46,22 @@ def test_meta_build_allocates_nothing():
 def test_unknown_arch():
     with pytest.raises(ValueError, match="unknown model arch"):
         build_model("transformer", table_sizes=[10] * 26, embedding_dim=4, device="cpu")
+
+
+@pytest.mark.parametrize("arch", ["dlrm", "dcn", "mlp"])
+def test_dense_bucket_tables(arch):
+    from data_pipeline.batching import BUCKET_KEYS
+
+    model = build_model(
+        arch, table_sizes=[10] * 26, embedding_dim=4, dense_arch=[8, 4], over_arch=[8, 1],
+        dcn_num_layers=2, dcn_low_rank=4, mlp_layers=[16, 8], dense_buckets=20, device="cpu",
+    )  # fmt: skip
+    configs = model.sparse_arch.embedding_bag_collection.embedding_bag_configs()
+    assert [c.feature_names[0] for c in configs] == list(SPARSE_COLUMNS) + BUCKET_KEYS
+    assert [c.num_embeddings for c in configs[26:]] == [20] * 13
+    s = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(SPARSE_COLUMNS) + BUCKET_KEYS,
+        values=torch.randint(0, 10, (39 * 5,)),
+        lengths=torch.ones(39 * 5, dtype=torch.long),
+    )
+    assert model(torch.rand(5, 13), s).shape == (5,)

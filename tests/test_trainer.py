@@ -71,6 +71,7 @@ def test_two_ranks_match_one_rank_and_learn(data, tmp_path, sharding_type):
         ("model.table_sizes=[0]", "table_sizes"),
         ("data.batch_size=255", "not divisible"),
         ('data.train_dir="/nonexistent/data"', "no manifest.json"),
+        ("model.dense_buckets=1", "dense_buckets"),
     ],
 )
 def test_bad_config_fails_before_any_process_starts(tmp_path, capsys, override, message):
@@ -87,3 +88,29 @@ def test_sparse_dist_pipeline_matches_the_plain_loop(data, tmp_path):
     run(tiny_config(data, tmp_path / "pipe", "train.max_steps=12", "train.pipeline=sparse_dist", "train.eval_every=6"))
     pa, pb = predictions(tmp_path / "plain", data), predictions(tmp_path / "pipe", data)
     np.testing.assert_allclose(pa["logit"], pb["logit"], rtol=0, atol=1e-5)
+
+
+def test_dense_buckets_and_rare_id_vocabulary_end_to_end(data, tmp_path):
+    # Both model-input options on: the launcher counts ids once and saves the vocabulary with the run;
+    # training uses 13 more tables; predict (from a moved run directory) rebuilds the same inputs.
+    import shutil
+
+    from data_pipeline.vocab import IdVocabulary, build
+
+    cfg = tiny_config(data, tmp_path / "r", "model.dense_buckets=32", "data.min_id_count=3", "train.max_steps=16")
+    run(cfg)
+    saved = IdVocabulary.load(tmp_path / "r" / "vocab.parquet")
+    fresh = build(data, 3)
+    assert saved.min_count == 3 and saved.sizes() == fresh.sizes() and 0 < sum(saved.sizes().values())
+    assert all(np.array_equal(a, b) for a, b in zip(saved.kept, fresh.kept, strict=True))
+    w = weights(tmp_path / "r")
+    assert any("t_I13_bucket" in k for k in w)
+    before = predictions(tmp_path / "r", data)
+    shutil.move(tmp_path / "r", tmp_path / "moved")
+    after = predictions(tmp_path / "moved", data)
+    np.testing.assert_array_equal(before["logit"], after["logit"])
+    final = [m for m in metrics(tmp_path / "moved") if m.get("final")][0]
+    assert final["valid_auc"] > 0.6
+    (tmp_path / "moved" / "vocab.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="vocab.parquet"):
+        predictions(tmp_path / "moved", data)
