@@ -58,22 +58,36 @@ def main() -> None:
     torch.set_num_threads(1)
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-    stream = CriteoStream(
-        data_dir, batch_size=a.batch_size, table_sizes=[a.table_size] * 26, shuffle=True,
-        shuffle_window=4, seed=0, id_mapping=a.id_mapping,
-    )  # fmt: skip
+    from data_pipeline.vocab import build
+
+    def timed_pass(**options: object) -> tuple[float, int, CriteoStream]:
+        stream = CriteoStream(
+            data_dir, batch_size=a.batch_size, table_sizes=[a.table_size] * 26, shuffle=True,
+            shuffle_window=4, seed=0, id_mapping=a.id_mapping, **options,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        n = 0
+        for batch in stream:
+            n += batch.labels.shape[0]
+        return n / (time.perf_counter() - t0), n, stream
+
+    eps, n, stream = timed_pass()
+    secs = n / eps
+    # The two model-input options of configs/criteo_sample.toml: 13 binned dense features as extra keys and
+    # the rare-id vocabulary (counting it is a one-off cost at launch, timed separately).
     t0 = time.perf_counter()
-    n = 0
-    for batch in stream:
-        n += batch.labels.shape[0]
-    secs = time.perf_counter() - t0
-    eps = n / secs
+    vocab = build(data_dir, 2)
+    vocab_s = time.perf_counter() - t0
+    eps_opt, _, _ = timed_pass(dense_buckets=464, vocab=vocab)
     print(json.dumps({
         "bench": "loader", "examples_per_s": round(eps), "vs_goal_110k": round(eps / GOAL, 2),
         "vs_trainer_22k": round(eps / TRAINER, 2), "examples": n, "batches": stream.num_batches(),
         "batch_size": a.batch_size, "seconds": round(secs, 2), "rows": stream.total_rows,
         "row_group_size": a.row_group_size, "shuffle_window": 4, "id_mapping": a.id_mapping,
         "threads": 1, "cpu": cpu, "data_gen_s": round(gen_s, 1),
+        "with_dense_buckets_and_vocab_examples_per_s": round(eps_opt),
+        "ratio_with_options_vs_plain": round(eps_opt / eps, 3),
+        "vocab_build_s": round(vocab_s, 2), "vocab_kept_ids": sum(vocab.sizes().values()),
     }))  # fmt: skip
     if tmp:
         import shutil
