@@ -12,9 +12,9 @@ Conventions (DESIGN.md section 3):
   ``1 + mix64(id, feature, hash_seed) % (size - 1)`` (``"hash"``).
 - optional dense buckets (``dense_buckets = N > 0``): 13 more keys ``I1_bucket..I13_bucket`` after C26,
   each dense value binned into an N-row table (:func:`bucketize_dense`): missing -> 0, negative -> 1,
-  0, 1, 2 -> 2, 3, 4, ``v > 2`` -> ``4 + floor(ln(v)^2)``, capped at N - 1 (N = 464 bins every int32). The raw dense transform above drops whether a
-  value was missing and how it falls in fine bins; a learned vector per bin gives the model both (it is what
-  the classic hashed logistic-regression baseline sees).
+  0, 1, 2 -> 2, 3, 4, ``v > 2`` -> ``4 + floor(ln(v)^2)``, capped at N - 1 (N = 466 bins every int32
+  apart). The dense transform above drops whether a value was missing and how it falls in fine bins; a
+  learned vector per bin gives the model both (what the classic hashed logistic-regression baseline sees).
 - labels ``[B]`` float32 (a null label, as in unlabelled test files, becomes 0).
 - row_ids ``[B]`` int64, ``-1`` for padding rows (which have label 0 and every feature missing).
 
@@ -152,9 +152,9 @@ def bucketize_dense(values: np.ndarray, valid: np.ndarray | None, num_buckets: i
     """Bin raw integer dense values into rows of a ``num_buckets``-row table (int32).
 
     missing -> 0, negative -> 1, ``0, 1, 2`` -> ``2, 3, 4``, ``v > 2`` -> ``4 + floor(ln(v)^2)`` capped at
-    ``num_buckets - 1`` (``ln(2^31)^2 < 460``, so 464 rows give every int32 its bin). This is the binning of
-    the Criteo challenge's winning entry: small counts keep their own bins, large ones merge on a squared-log
-    scale.
+    ``num_buckets - 1`` (``ln(2^31)^2 < 462``: 466 rows give every int32 its bin, 464 every value below
+    2e9). This is the binning of the Criteo challenge's winning entry: small counts keep their own bins,
+    large ones merge on a squared-log scale.
     """
     v = np.asarray(values, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -102,23 +102,22 @@ class IdVocabulary:
 def count_ids(files: Sequence[str | Path]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
     """Per feature, (distinct raw ids, their counts) over ``files`` (ingested Parquet), and the rows read.
 
-    Reads one column at a time across all files, so memory is one column of the data, not the table.
+    One column of one file at a time, merged into running per-id counts: memory follows the number of
+    distinct ids, not the number of rows.
     """
     counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     rows = 0
     for c in SPARSE_COLUMNS:
-        parts = []
-        n = 0
+        total = pa.table({"id": pa.array([], pa.uint32()), "n": pa.array([], pa.int64())})
+        rows = 0
         for f in files:
             col = pq.read_table(f, columns=[c])[c]
-            n += len(col)
-            parts.append(col.drop_null())
-        rows = n
-        vc = pc.value_counts(pa.chunked_array([p for part in parts for p in part.chunks], type=pa.uint32()))
-        counts[c] = (
-            vc.field("values").to_numpy(zero_copy_only=False),
-            vc.field("counts").to_numpy(zero_copy_only=False),
-        )
+            rows += len(col)
+            vc = pc.value_counts(col.drop_null().cast(pa.uint32()))
+            part = pa.table({"id": vc.field("values"), "n": vc.field("counts").cast(pa.int64())})
+            merged = pa.concat_tables([total, part]).group_by("id").aggregate([("n", "sum")])
+            total = merged.select(["id", "n_sum"]).rename_columns(["id", "n"])
+        counts[c] = (total["id"].to_numpy().astype(np.uint32), total["n"].to_numpy())
     return counts, rows
 
 

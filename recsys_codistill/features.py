@@ -14,7 +14,7 @@ from typing import Any
 
 from data_pipeline import vocab as vocab_lib
 from data_pipeline.vocab import IdVocabulary
-from recsys_codistill.config import RunConfig
+from recsys_codistill.config import ConfigError, RunConfig
 
 VOCAB_FILE = "vocab.parquet"
 
@@ -23,17 +23,33 @@ def vocab_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / VOCAB_FILE
 
 
-def prepare_vocab(cfg: RunConfig, *, rebuild: bool) -> IdVocabulary | None:
-    """Count ids in ``data.train_dir`` and save the vocabulary with the run (``rebuild``: a fresh start),
-    or check the saved one is there (a resume must keep the vocabulary its checkpoint was trained with)."""
-    if cfg.data.min_id_count == 0:
-        return None
+def prepare_vocab(cfg: RunConfig, *, fresh: bool) -> IdVocabulary | None:
+    """Before any worker starts. A fresh start counts ids in ``data.train_dir`` and saves the vocabulary
+    with the run (removing a stale one when the threshold is off). A resume must map ids exactly as its
+    checkpoint was trained, so it reuses the saved file and refuses a threshold that was switched on, off or
+    changed since (the embedding rows of every kept id would move: 1 + id % (n-1) vs 2 + id % (n-2))."""
     path = vocab_path(cfg.run_dir)
-    if not rebuild and path.is_file():
-        return IdVocabulary.load(path)
-    vocab = vocab_lib.build(cfg.data.train_dir, cfg.data.min_id_count)
-    vocab.save(path)
-    return vocab
+    if fresh:
+        if cfg.data.min_id_count == 0:
+            path.unlink(missing_ok=True)
+            return None
+        vocab = vocab_lib.build(cfg.data.train_dir, cfg.data.min_id_count)
+        vocab.save(path)
+        return vocab
+    if cfg.data.min_id_count == 0:
+        if path.is_file():
+            raise ConfigError(
+                f"{cfg.run_dir} was trained with a rare-id vocabulary ({path}); resuming it needs the same "
+                "data.min_id_count (or start a new run directory)"
+            )
+        return None
+    try:
+        return load_vocab(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(
+            f"cannot resume {cfg.run_dir} with data.min_id_count = {cfg.data.min_id_count}: {e}. Its checkpoints "
+            "were trained with another id mapping; keep the original setting or start a new run directory"
+        ) from e
 
 
 def load_vocab(cfg: RunConfig) -> IdVocabulary | None:

@@ -138,9 +138,15 @@ def launch(cfg: RunConfig, *, quiet: bool = False) -> int:
     if cfg.codistill.num_groups > 1 and fresh_start(cfg) and exchange.exists():
         # Versions left by an earlier attempt in this run directory must never serve as teachers.
         shutil.rmtree(exchange)
+    if not cfg.checkpoint.resume:
+        # Starting over in a used run directory: the earlier attempt's checkpoints (higher steps) would
+        # otherwise outlive the new ones in keep-last-N pruning and be what `predict` loads.
+        for old in sorted(run_dir.glob("group*/checkpoints")):
+            print(f"recsys-codistill: checkpoint.resume = false: removing {old} of an earlier attempt", file=sys.stderr)
+            shutil.rmtree(old)
     warn_if_config_changed(cfg, run_dir)
     # Counted here, once, before any worker starts: every rank of every group then loads the same file.
-    prepare_vocab(cfg, rebuild=fresh_start(cfg))
+    prepare_vocab(cfg, fresh=fresh_start(cfg))
     config_path = save_resolved(cfg, run_dir)
     env = dict(os.environ)
     # Each rank is one process; without this every rank starts one OpenMP thread per core and they fight.

@@ -19,11 +19,12 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.loader import CriteoStream
+from data_pipeline.vocab import IdVocabulary
 from models import build_model
 from recsys_codistill.checkpoint import Checkpointer, is_wrapped
 from recsys_codistill.codistill import CodistillTrain, codistill_loss
 from recsys_codistill.config import RunConfig
-from recsys_codistill.features import stream_options
+from recsys_codistill.features import load_vocab, stream_options
 from recsys_codistill.sharding import plan_summary, shard_model
 
 
@@ -86,11 +87,13 @@ def build_sharded(
     )
 
 
-def train_stream(cfg: RunConfig, group: int, ctx: DistContext) -> CriteoStream:
+def train_stream(
+    cfg: RunConfig, group: int, ctx: DistContext, vocab: IdVocabulary | None = None
+) -> CriteoStream:
     return CriteoStream(
         cfg.data.train_dir,
         batch_size=cfg.data.batch_size // ctx.world_size,
-        **stream_options(cfg),
+        **stream_options(cfg, vocab),
         group=group,
         num_groups=cfg.codistill.num_groups,
         rank=ctx.rank,
@@ -105,13 +108,17 @@ def train_stream(cfg: RunConfig, group: int, ctx: DistContext) -> CriteoStream:
 
 
 def eval_stream(
-    cfg: RunConfig, data_dir: str, ctx: DistContext, batch_size: int | None = None
+    cfg: RunConfig,
+    data_dir: str,
+    ctx: DistContext,
+    batch_size: int | None = None,
+    vocab: IdVocabulary | None = None,
 ) -> CriteoStream:
     """Every row exactly once, in a fixed order; ranks padded to equal batch counts."""
     return CriteoStream(
         data_dir,
         batch_size=batch_size or cfg.data.batch_size // ctx.world_size,
-        **stream_options(cfg),
+        **stream_options(cfg, vocab),
         rank=ctx.rank,
         world_size=ctx.world_size,
         shuffle=False,
@@ -191,7 +198,8 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
     world_batch = cfg.data.batch_size
 
     # --- set-up: data, sharded model, optional teacher, resume ------------------------------------------
-    stream = train_stream(cfg, group, ctx)
+    vocab = load_vocab(cfg)  # None unless data.min_id_count; saved by the launcher
+    stream = train_stream(cfg, group, ctx, vocab)
     total_steps = stream.num_batches()
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -221,7 +229,7 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
     if exchange is not None:
         exchange.start(model, step)
 
-    valid = eval_stream(cfg, cfg.data.valid_dir, ctx) if cfg.data.valid_dir else None
+    valid = eval_stream(cfg, cfg.data.valid_dir, ctx, vocab=vocab) if cfg.data.valid_dir else None
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     bar = None
     if ctx.is_main and cfg.train.progress:

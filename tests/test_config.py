@@ -46,12 +46,15 @@ def test_unknown_section(tmp_path):
         ("optim", "section.key=value"),
         ("model.dense_buckets=2", "dense_buckets = 2"),
         ("data.min_id_count=-1", "min_id_count = -1"),
+        ("data.min_id_count=2", "tables of >= 3 rows"),
     ],
 )
 def test_bad_values_are_errors(override, match):
     overrides = [override]
     if override.startswith("data.batch_size=1001"):
         overrides.append("sharding.nproc=2")
+    if override.startswith("data.min_id_count=2"):
+        overrides.append("model.table_sizes=[2]")
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
 

@@ -92,25 +92,47 @@ def test_sparse_dist_pipeline_matches_the_plain_loop(data, tmp_path):
 
 def test_dense_buckets_and_rare_id_vocabulary_end_to_end(data, tmp_path):
     # Both model-input options on: the launcher counts ids once and saves the vocabulary with the run;
-    # training uses 13 more tables; predict (from a moved run directory) rebuilds the same inputs.
+    # training uses 13 more tables; predict (from a moved run directory) rebuilds the same inputs, so its
+    # log loss equals the one the trainer measured on the same rows.
     import shutil
 
     from data_pipeline.vocab import IdVocabulary, build
+    from recsys_codistill import metrics as m
 
     cfg = tiny_config(data, tmp_path / "r", "model.dense_buckets=32", "data.min_id_count=3", "train.max_steps=16")
     run(cfg)
     saved = IdVocabulary.load(tmp_path / "r" / "vocab.parquet")
     fresh = build(data, 3)
-    assert saved.min_count == 3 and saved.sizes() == fresh.sizes() and 0 < sum(saved.sizes().values())
+    assert saved.min_count == 3 and 0 < sum(saved.sizes().values()) < sum(build(data, 1).sizes().values())
     assert all(np.array_equal(a, b) for a, b in zip(saved.kept, fresh.kept, strict=True))
-    w = weights(tmp_path / "r")
-    assert any("t_I13_bucket" in k for k in w)
-    before = predictions(tmp_path / "r", data)
+    assert any("t_I13_bucket" in k for k in weights(tmp_path / "r"))
     shutil.move(tmp_path / "r", tmp_path / "moved")
-    after = predictions(tmp_path / "moved", data)
-    np.testing.assert_array_equal(before["logit"], after["logit"])
-    final = [m for m in metrics(tmp_path / "moved") if m.get("final")][0]
+    p = predictions(tmp_path / "moved", data)
+    final = [x for x in metrics(tmp_path / "moved") if x.get("final")][0]
+    ll = m.log_loss(p["label"], 1 / (1 + np.exp(-p["logit"])))
     assert final["valid_auc"] > 0.6
+    assert abs(ll - final["valid_log_loss"]) < 1e-6  # same inputs in training-time eval and in predict
     (tmp_path / "moved" / "vocab.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="vocab.parquet"):
         predictions(tmp_path / "moved", data)
+
+
+def test_resume_keeps_the_vocabulary_and_refuses_a_changed_threshold(data, tmp_path):
+    from recsys_codistill.config import ConfigError
+    from recsys_codistill.launch import launch
+
+    base = ["model.dense_buckets=32", "checkpoint.every_steps=4"]
+    run(tiny_config(data, tmp_path / "r", *base, "data.min_id_count=3", "train.max_steps=8"))
+    before = (tmp_path / "r" / "vocab.parquet").read_bytes()
+    # Switching the threshold on a resume would move every kept id's embedding row: refused up front.
+    for changed in ("data.min_id_count=5", "data.min_id_count=0"):
+        with pytest.raises(ConfigError, match="min_id_count"):
+            launch(tiny_config(data, tmp_path / "r", *base, changed, "train.max_steps=12"), quiet=True)
+    assert (tmp_path / "r" / "vocab.parquet").read_bytes() == before
+    run(tiny_config(data, tmp_path / "r", *base, "data.min_id_count=3", "train.max_steps=12"))
+    assert any(x.get("event") == "resume" and x["step"] == 8 for x in metrics(tmp_path / "r"))
+    assert (tmp_path / "r" / "vocab.parquet").read_bytes() == before
+    # Starting over (resume = false) recounts, and drops the earlier attempt's checkpoints.
+    run(tiny_config(data, tmp_path / "r", *base, "data.min_id_count=0", "train.max_steps=4", "checkpoint.resume=false"))
+    assert not (tmp_path / "r" / "vocab.parquet").exists()
+    assert sorted(p.name for p in (tmp_path / "r" / "group0" / "checkpoints").iterdir()) == ["step_00000004"]

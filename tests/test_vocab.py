@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from data_pipeline.batching import decode, map_ids
 from data_pipeline.loader import CriteoStream
@@ -97,3 +98,24 @@ def test_stream_with_vocabulary_maps_rare_ids_to_row_1(tmp_path):
     assert sum(int((b.row_ids >= 0).sum()) for b in batches) == 300
     with pytest.raises(ValueError, match="row 1 = rare ids"):
         CriteoStream(data, batch_size=64, table_sizes=[2] * 26, vocab=vocab)
+
+
+def test_stream_batches_equal_direct_decoding_with_both_options(tmp_path):
+    # The loader must apply the options, not just carry the keys: unshuffled, one batch holding every row
+    # equals decoding the files directly.
+    from data_pipeline.batching import table_to_batch
+
+    data, _ = _repetitive(tmp_path / "d")
+    vocab = build(data, 2)
+    sizes = [97] * 26
+    (batch,) = list(
+        CriteoStream(data, batch_size=300, table_sizes=sizes, dense_buckets=16, vocab=vocab, shuffle=False, drop_last=False)
+    )
+    table = pa.concat_tables([pq.read_table(data / f"part-{i}.parquet") for i in range(3)])
+    want = table_to_batch(table, sizes, dense_buckets=16, vocab=vocab)
+    assert batch.sparse_features.keys() == want.sparse_features.keys()
+    assert torch.equal(batch.sparse_features.values(), want.sparse_features.values())
+    assert torch.equal(batch.dense_features, want.dense_features) and torch.equal(batch.row_ids, want.row_ids)
+    plain = table_to_batch(table, sizes)
+    assert (batch.sparse_features["C1"].values() == 1).any()  # some rare ids, on row 1
+    assert not torch.equal(batch.sparse_features["C1"].values(), plain.sparse_features["C1"].values())
