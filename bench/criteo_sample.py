@@ -135,9 +135,13 @@ def synthetic_gap(tmp: Path) -> dict[str, float]:
     truth = pq.read_table(tmp / "raw" / "truth.parquet")["probability"].to_numpy()[va["row_id"].to_numpy()]
     y = va["label"].to_numpy().astype(np.float64)
     bayes_ll, bayes_auc = metrics.log_loss(y, truth), metrics.roc_auc(y, truth)
+    # The same LR baseline on the synthetic data (its planted feature crosses are what a linear model lacks).
+    lr = logistic_regression(tmp / "syn")
     return {
         "dlrm_log_loss": final["valid_log_loss"],
         "dlrm_auc": final["valid_auc"],
+        "logistic_regression_log_loss": lr["log_loss"],
+        "logistic_regression_auc": lr["auc"],
         "bayes_log_loss": bayes_ll,
         "bayes_auc": bayes_auc,
         "gap_log_loss": final["valid_log_loss"] - bayes_ll,
