@@ -95,12 +95,28 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+INPUTS_FILE = "inputs.json"
+
+
+def check_inputs(path: str | Path, inputs: dict[str, Any]) -> None:
+    """Raise if checkpoint ``path`` recorded other model inputs than ``inputs`` (older checkpoints, which
+    have no record, pass)."""
+    from recsys_codistill.features import check_fingerprint
+
+    f = Path(path) / INPUTS_FILE
+    if f.is_file():
+        check_fingerprint(json.loads(f.read_text()), inputs, path)
+
+
 class Checkpointer:
     """Saves and restores (model, optimizer, loader cursor, step, RNG) for one group."""
 
-    def __init__(self, ckpt_dir: str | Path, cfg: CheckpointConfig) -> None:
+    def __init__(self, ckpt_dir: str | Path, cfg: CheckpointConfig, inputs: dict[str, Any] | None = None) -> None:
         self.dir = Path(ckpt_dir)
         self.cfg = cfg
+        # How inputs map to table rows (recsys_codistill.features.input_fingerprint): saved as inputs.json
+        # with every checkpoint and compared on load.
+        self.inputs = inputs
 
     def save(
         self,
@@ -133,6 +149,8 @@ class Checkpointer:
         )
         with rank_file.open("rb") as f:
             os.fsync(f.fileno())
+        if rank == 0 and self.inputs is not None:
+            (tmp / INPUTS_FILE).write_text(json.dumps(self.inputs, sort_keys=True))
         _barrier()
         if rank == 0:
             if final.exists():
@@ -153,6 +171,8 @@ class Checkpointer:
     def load(self, path: str | Path, model: nn.Module, optimizer: Any) -> tuple[int, dict[str, Any]]:
         """Restore in place; returns (step, this rank's loader state)."""
         path = Path(path)
+        if self.inputs is not None:
+            check_inputs(path, self.inputs)
         if optimizer is not None:
             # Lazily created state (Adam's moments) does not exist before the first step, and an empty
             # state loads as "nothing to restore" without a word: create it first (TorchRec's pattern).

@@ -9,6 +9,7 @@ run, ``predict`` and ``eval`` reuse that file unchanged.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,35 @@ def load_vocab(cfg: RunConfig) -> IdVocabulary | None:
             f"{path} keeps ids seen >= {vocab.min_count} times; the config says data.min_id_count = {cfg.data.min_id_count}"
         )
     return vocab
+
+
+def input_fingerprint(cfg: RunConfig, vocab: IdVocabulary | None) -> dict[str, Any]:
+    """What decides which table row each input reaches; stored with every checkpoint and compared on load,
+    so weights are never paired with another mapping (e.g. id_mapping or table sizes changed on a resume)."""
+    digest = None
+    if vocab is not None:
+        h = hashlib.sha256()
+        for kept in vocab.kept:
+            h.update(len(kept).to_bytes(8, "little"))
+            h.update(kept.astype("<u4").tobytes())
+        digest = h.hexdigest()
+    return {
+        "table_sizes": list(cfg.model.resolved_table_sizes()),
+        "id_mapping": cfg.data.id_mapping,
+        "dense_buckets": cfg.model.dense_buckets,
+        "min_id_count": cfg.data.min_id_count,
+        "vocab_sha256": digest,
+    }
+
+
+def check_fingerprint(saved: dict[str, Any], now: dict[str, Any], where: str | Path) -> None:
+    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if diff:
+        raise ValueError(
+            f"{where} was trained with other model inputs; (checkpoint, now): "
+            + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            + ". Use the run's original settings (and vocab.parquet), or start a new run directory"
+        )
 
 
 def stream_options(cfg: RunConfig, vocab: IdVocabulary | None = None) -> dict[str, Any]:

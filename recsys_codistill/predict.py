@@ -18,9 +18,9 @@ from torch import nn
 
 from data_pipeline.loader import CriteoStream
 from models import build_model
-from recsys_codistill.checkpoint import latest_checkpoint, load_model_weights
+from recsys_codistill.checkpoint import check_inputs, latest_checkpoint, load_model_weights
 from recsys_codistill.config import RunConfig, load_config, replace
-from recsys_codistill.features import stream_options
+from recsys_codistill.features import input_fingerprint, load_vocab, stream_options
 from recsys_codistill.sharding import quiet_library_logs
 
 
@@ -40,6 +40,7 @@ def load_run(
     m = cfg.model
     quiet_library_logs()
     model = build_model(**m.build_kwargs(), device=device)
+    check_inputs(ckpt, input_fingerprint(cfg, load_vocab(cfg)))
     step = load_model_weights(ckpt, model)
     return cfg, model.eval(), step
 

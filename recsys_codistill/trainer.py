@@ -24,7 +24,7 @@ from models import build_model
 from recsys_codistill.checkpoint import Checkpointer, is_wrapped
 from recsys_codistill.codistill import CodistillTrain, codistill_loss
 from recsys_codistill.config import RunConfig
-from recsys_codistill.features import load_vocab, stream_options
+from recsys_codistill.features import input_fingerprint, load_vocab, stream_options
 from recsys_codistill.sharding import plan_summary, shard_model
 
 
@@ -217,7 +217,7 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
             cfg, group, ctx, lambda: build_sharded(cfg, ctx, seed, frozen=True, plan=sm.plan).model
         )
 
-    ckpt = Checkpointer(gdir / "checkpoints", cfg.checkpoint)
+    ckpt = Checkpointer(gdir / "checkpoints", cfg.checkpoint, inputs=input_fingerprint(cfg, vocab))
     step, loader_state, resumed_from = ckpt.maybe_resume(model, optimizer)
     if loader_state is not None:
         stream.load_state_dict(loader_state)

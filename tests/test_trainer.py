@@ -136,3 +136,20 @@ def test_resume_keeps_the_vocabulary_and_refuses_a_changed_threshold(data, tmp_p
     run(tiny_config(data, tmp_path / "r", *base, "data.min_id_count=0", "train.max_steps=4", "checkpoint.resume=false"))
     assert not (tmp_path / "r" / "vocab.parquet").exists()
     assert sorted(p.name for p in (tmp_path / "r" / "group0" / "checkpoints").iterdir()) == ["step_00000004"]
+
+
+def test_checkpoint_records_model_inputs_and_refuses_others(data, tmp_path):
+    # Changing how ids map to rows under a checkpoint (here mod -> hash, which the launcher cannot see)
+    # would silently scramble every embedding: the worker refuses, naming the key.
+    import json
+
+    from recsys_codistill.launch import launch
+
+    base = ["checkpoint.every_steps=4"]
+    run(tiny_config(data, tmp_path / "r", *base, "train.max_steps=4"))
+    (ckpt,) = (tmp_path / "r" / "group0" / "checkpoints").iterdir()
+    saved = json.loads((ckpt / "inputs.json").read_text())
+    assert saved["id_mapping"] == "mod" and saved["table_sizes"] == [1000] * 26 and saved["vocab_sha256"] is None
+    assert launch(tiny_config(data, tmp_path / "r", *base, 'data.id_mapping="hash"', "train.max_steps=8"), quiet=True)
+    log = (tmp_path / "r" / "group0" / "launcher.log").read_text()
+    assert "other model inputs" in log and "id_mapping: 'mod' -> 'hash'" in log
