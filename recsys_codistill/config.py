@@ -129,6 +129,10 @@ class TrainConfig:
     # all-to-all with this step; the GPU default). "plain": a simple loop. "auto": sparse_dist on GPU for
     # one group, plain otherwise (codistillation needs the batch for the teacher outside the pipeline).
     pipeline: Literal["auto", "plain", "sparse_dist"] = "auto"
+    # Multi-epoch training without the one-epoch overfit of CTR models: at the start of every epoch after
+    # the first, re-initialise the embedding tables (and their optimizer state) while the dense layers
+    # keep training (Fan et al. 2023, "Multi-epoch learning with data augmentation for deep CTR models").
+    reinit_embeddings_each_epoch: bool = False
 
 
 @dataclass(frozen=True)

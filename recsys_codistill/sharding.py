@@ -19,6 +19,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -216,6 +217,31 @@ def init_embeddings(model: nn.Module, seed: int) -> None:
             local.copy_(full[:, c0 : c0 + d].to(local.device, local.dtype))
     # Sharded modules hand out views, but be explicit: push the values through load_state_dict.
     model.load_state_dict(state)
+
+
+def _zero_(value: object) -> None:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, ShardedTensor):
+        for shard in value.local_shards():
+            shard.tensor.zero_()
+    elif isinstance(value, DTensor):
+        value.to_local().zero_()
+    elif isinstance(value, torch.Tensor):
+        value.zero_()
+
+
+@torch.no_grad()
+def reinit_embeddings(model: nn.Module, optimizer: Any, seed: int) -> None:
+    """Fresh tables (the sharding-independent init with ``seed``) and a fresh fused-optimizer state for them
+    (row-wise Adagrad's accumulators, Adam's moments): as if the tables had just been created."""
+    init_embeddings(model, seed)
+    fused = [opt for _, opt in getattr(optimizer, "optimizers", [])][:1]  # CombinedOptimizer: fused first
+    for opt in fused:
+        for state in opt.state.values():
+            for value in state.values():
+                _zero_(value)
 
 
 def shard_model(

@@ -25,7 +25,7 @@ from recsys_codistill.checkpoint import Checkpointer, is_wrapped
 from recsys_codistill.codistill import CodistillTrain, codistill_loss
 from recsys_codistill.config import RunConfig
 from recsys_codistill.features import input_fingerprint, load_vocab, stream_options
-from recsys_codistill.sharding import plan_summary, shard_model
+from recsys_codistill.sharding import plan_summary, reinit_embeddings, shard_model
 
 
 def group_seed(seed: int, group: int) -> int:
@@ -258,6 +258,13 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
         # It reads ahead, which is why checkpoints store stream.state_at(step), not the stream's cursor.
         pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device)
     while step < total_steps:
+        # new epoch: optionally fresh embedding tables (the dense layers keep what they learned). Batches
+        # run across epoch ends, so a step belongs to the epoch of its first row.
+        epoch = step * stream.batch_size // stream.epoch_rows
+        if cfg.train.reinit_embeddings_each_epoch and epoch > (step - 1) * stream.batch_size // stream.epoch_rows >= 0:
+            reinit_embeddings(model, optimizer, seed + 104_729 * epoch)
+            if ctx.is_main:
+                log.write(event="reinit_embeddings", step=step, epoch=epoch)
         # step: forward student (and teacher past burn-in), backward (fused sparse update), dense update.
         # The fused optimizer pushes param_groups' lr into its kernel at zero_grad, before backward.
         factor = lr_factor(step, total_steps, cfg.optim.warmup_steps, cfg.optim.decay)
