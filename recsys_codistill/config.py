@@ -397,6 +397,16 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: train.log_every must be >= 1")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"{source}: checkpoint.keep_last must be >= 1")
+    if cfg.train.reinit_embeddings_each_epoch and cfg.optim.sparse_optimizer != "rowwise_adagrad":
+        raise ConfigError(
+            f"{source}: train.reinit_embeddings_each_epoch needs optim.sparse_optimizer = 'rowwise_adagrad' "
+            "(fbgemm's Adam keeps a bias-correction step counter outside its state that a reset cannot reach)"
+        )
+    if cfg.train.reinit_embeddings_each_epoch and c.num_groups > 1:
+        raise ConfigError(
+            f"{source}: train.reinit_embeddings_each_epoch is not supported with codistillation (num_groups > 1): "
+            "right after a re-initialisation the peer's teacher still carries the previous epoch's memorised tables"
+        )
     if s.max_restarts > 0 and cfg.checkpoint.every_steps == 0:
         raise ConfigError(
             f"{source}: sharding.max_restarts > 0 restarts a failed group from its latest checkpoint; set "

@@ -58,6 +58,21 @@ def preflight(cfg: RunConfig) -> None:
         )
 
 
+def check_resumable(cfg: RunConfig, vocab: object) -> None:
+    """A checkpoint trained under another input mapping must be refused here, before config.toml is
+    overwritten (the workers check too, but by then the run's recorded settings would be gone)."""
+    from recsys_codistill.checkpoint import check_inputs, latest_checkpoint
+    from recsys_codistill.features import input_fingerprint
+
+    for g in range(cfg.codistill.num_groups):
+        ckpt = latest_checkpoint(Path(cfg.run_dir) / f"group{g}" / "checkpoints")
+        if ckpt is not None:
+            try:
+                check_inputs(ckpt, input_fingerprint(cfg, vocab))  # type: ignore[arg-type]
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+
+
 def warn_if_config_changed(cfg: RunConfig, run_dir: Path) -> None:
     """Resuming under a changed config silently mixes two experiments: say which keys changed."""
     import difflib
@@ -146,7 +161,9 @@ def launch(cfg: RunConfig, *, quiet: bool = False) -> int:
             shutil.rmtree(old)
     warn_if_config_changed(cfg, run_dir)
     # Counted here, once, before any worker starts: every rank of every group then loads the same file.
-    prepare_vocab(cfg, fresh=fresh_start(cfg))
+    vocab = prepare_vocab(cfg, fresh=fresh_start(cfg))
+    if not fresh_start(cfg):
+        check_resumable(cfg, vocab)
     config_path = save_resolved(cfg, run_dir)
     env = dict(os.environ)
     # Each rank is one process; without this every rank starts one OpenMP thread per core and they fight.

@@ -237,11 +237,13 @@ def reinit_embeddings(model: nn.Module, optimizer: Any, seed: int) -> None:
     """Fresh tables (the sharding-independent init with ``seed``) and a fresh fused-optimizer state for them
     (row-wise Adagrad's accumulators, Adam's moments): as if the tables had just been created."""
     init_embeddings(model, seed)
-    fused = [opt for _, opt in getattr(optimizer, "optimizers", [])][:1]  # CombinedOptimizer: fused first
-    for opt in fused:
-        for state in opt.state.values():
-            for value in state.values():
-                _zero_(value)
+    # Sharded tables keep their state in the fused optimizer; data_parallel (replicated) tables are
+    # trained by the dense optimizer: reset the state of every table parameter, wherever it lives.
+    for _, opt in getattr(optimizer, "optimizers", []):
+        for key, param in opt.params.items():
+            if ".embedding_bags." in f".{key}":
+                for value in opt.state.get(param, {}).values():
+                    _zero_(value)
 
 
 def shard_model(

@@ -168,6 +168,14 @@ def quality(pred: dict[str, np.ndarray]) -> dict[str, float]:
     return {**metrics.summary(pred["label"], p), "rows": int(len(p))}
 
 
+def _before(line: str, resume_step: int) -> bool:
+    """Whether a metrics.jsonl record stays when resuming at ``resume_step``: results of steps up to it do;
+    a re-initialisation logged at ``resume_step`` happens after that checkpoint, so it is replayed."""
+    rec = json.loads(line)
+    step = rec.get("step", 0)
+    return step < resume_step if rec.get("event") == "reinit_embeddings" else step <= resume_step
+
+
 class MetricsLog:
     """``metrics.jsonl`` on rank 0: one JSON object per line. A resumed run continues the file from its
     checkpoint's step: records of the steps it is about to replay are dropped, so no step appears twice."""
@@ -178,11 +186,7 @@ class MetricsLog:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_file():
-                kept = [
-                    line
-                    for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step
-                ]
+                kept = [line for line in path.read_text().splitlines() if line.strip() and _before(line, resume_step)]
                 path.write_text("".join(line + "\n" for line in kept))
             self.f = path.open("a")
 

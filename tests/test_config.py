@@ -94,3 +94,15 @@ def test_shipped_configs_load():
 def test_settings_that_would_fail_late_are_refused_up_front(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["optim.sparse_optimizer=adam"], "rowwise_adagrad"),
+        (["codistill.num_groups=2"], "codistillation"),
+    ],
+)
+def test_reinit_embeddings_refuses_combinations_it_cannot_honour(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["train.reinit_embeddings_each_epoch=true", *overrides])

@@ -30,7 +30,8 @@ SCRIPT = textwrap.dedent(
     data = os.environ["DATA"]
     generate_parquet(data, 2048, seed=0, row_group_size=512)
     cfg = load_config(None, ["data.batch_size=128", "model.table_sizes=[50]", "model.embedding_dim=4",
-                             "model.dense_arch=[8, 4]", "model.over_arch=[8, 1]", "optim.sparse_lr=0.1"])
+                             "model.dense_arch=[8, 4]", "model.over_arch=[8, 1]", "optim.sparse_lr=0.1",
+                             "sharding.sharding_type=" + os.environ["SHARDING"]])
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
     batches = list(CriteoStream(data, batch_size=128, table_sizes=cfg.model.resolved_table_sizes(), shuffle=False))
 
@@ -68,11 +69,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_reinit_embeddings_resets_tables_and_their_optimizer_state(tmp_path):
+@pytest.mark.parametrize("sharding_type", ["table_wise", "column_wise", "data_parallel"])
+def test_reinit_embeddings_resets_tables_and_their_optimizer_state(tmp_path, sharding_type):
+    # data_parallel tables live in the dense optimizer, sharded ones in the fused one: both are reset.
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         cwd=ROOT,
-        env={"DATA": str(tmp_path / "data"), "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+        env={"DATA": str(tmp_path / "data"), "SHARDING": sharding_type, "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=300,

@@ -143,6 +143,7 @@ def test_checkpoint_records_model_inputs_and_refuses_others(data, tmp_path):
     # would silently scramble every embedding: the worker refuses, naming the key.
     import json
 
+    from recsys_codistill.config import ConfigError
     from recsys_codistill.launch import launch
 
     base = ["checkpoint.every_steps=4"]
@@ -150,20 +151,30 @@ def test_checkpoint_records_model_inputs_and_refuses_others(data, tmp_path):
     (ckpt,) = (tmp_path / "r" / "group0" / "checkpoints").iterdir()
     saved = json.loads((ckpt / "inputs.json").read_text())
     assert saved["id_mapping"] == "mod" and saved["table_sizes"] == [1000] * 26 and saved["vocab_sha256"] is None
-    assert launch(tiny_config(data, tmp_path / "r", *base, 'data.id_mapping="hash"', "train.max_steps=8"), quiet=True)
-    log = (tmp_path / "r" / "group0" / "launcher.log").read_text()
-    assert "other model inputs" in log and "id_mapping: 'mod' -> 'hash'" in log
+    config_before = (tmp_path / "r" / "config.toml").read_text()
+    with pytest.raises(ConfigError, match="id_mapping: 'mod' -> 'hash'"):
+        launch(tiny_config(data, tmp_path / "r", *base, 'data.id_mapping="hash"', "train.max_steps=8"), quiet=True)
+    # refused before anything was written: the run's recorded config is intact and it still predicts
+    assert (tmp_path / "r" / "config.toml").read_text() == config_before
+    assert len(predictions(tmp_path / "r", data)["logit"]) == 8192
 
 
 def test_reinit_embeddings_each_epoch_resumes_exactly(data, tmp_path):
     # 8192 rows / 1024-row batches = 8 steps per epoch: fresh tables at steps 8 and 16 of 24. A run stopped
-    # at step 12 and resumed ends bit-identical to the straight run.
+    # mid-epoch and resumed from the checkpoint at the first epoch end ends bit-identical to the straight run.
+    import shutil
+
     opt = ["data.epochs=3", "data.batch_size=1024", "train.reinit_embeddings_each_epoch=true"]
     run(tiny_config(data, tmp_path / "straight", *opt))
     events = [m for m in metrics(tmp_path / "straight") if m.get("event") == "reinit_embeddings"]
     assert [(e["step"], e["epoch"]) for e in events] == [(8, 1), (16, 2)]
-    run(tiny_config(data, tmp_path / "resumed", *opt, "train.max_steps=12"))
+    # As if killed at step 12: its last checkpoint is step 8, taken just before the re-initialisation.
+    run(tiny_config(data, tmp_path / "resumed", *opt, "train.max_steps=12", "checkpoint.every_steps=4"))
+    shutil.rmtree(tmp_path / "resumed" / "group0" / "checkpoints" / "step_00000012")
     run(tiny_config(data, tmp_path / "resumed", *opt))
+    assert any(m.get("event") == "resume" and m["step"] == 8 for m in metrics(tmp_path / "resumed"))
+    replayed = [m for m in metrics(tmp_path / "resumed") if m.get("event") == "reinit_embeddings"]
+    assert [(e["step"], e["epoch"]) for e in replayed] == [(8, 1), (16, 2)]  # logged once each
     wa, wb = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # ...and differs from the same run without the re-initialisation.
