@@ -9,7 +9,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from data_pipeline.batching import sparse_keys
+from data_pipeline.batching import BUCKET_KEYS, sparse_keys
 from data_pipeline.schema import SPARSE_COLUMNS
 
 
@@ -44,7 +44,7 @@ def build_ebc(
 
     ``dense_buckets > 0`` adds one ``dense_buckets``-row table per dense feature after the 26 categorical ones.
     """
-    sizes = list(table_sizes) + ([dense_buckets] * (len(sparse_keys(dense_buckets)) - len(SPARSE_COLUMNS)))
+    sizes = list(table_sizes) + ([dense_buckets] * len(BUCKET_KEYS) if dense_buckets else [])
     return EmbeddingBagCollection(
         tables=embedding_bag_configs(sizes, embedding_dim, sparse_keys(dense_buckets)),
         device=torch.device(device),

@@ -149,8 +149,9 @@ def launch(cfg: RunConfig, *, quiet: bool = False) -> int:
     """Run every group to completion; returns 0 or the first failing group's exit code."""
     run_dir = Path(cfg.run_dir)
     preflight(cfg)
+    fresh = fresh_start(cfg)
     exchange = Path(cfg.codistill.exchange_dir or run_dir / "exchange")
-    if cfg.codistill.num_groups > 1 and fresh_start(cfg) and exchange.exists():
+    if cfg.codistill.num_groups > 1 and fresh and exchange.exists():
         # Versions left by an earlier attempt in this run directory must never serve as teachers.
         shutil.rmtree(exchange)
     if not cfg.checkpoint.resume:
@@ -161,8 +162,8 @@ def launch(cfg: RunConfig, *, quiet: bool = False) -> int:
             shutil.rmtree(old)
     warn_if_config_changed(cfg, run_dir)
     # Counted here, once, before any worker starts: every rank of every group then loads the same file.
-    vocab = prepare_vocab(cfg, fresh=fresh_start(cfg))
-    if not fresh_start(cfg):
+    vocab = prepare_vocab(cfg, fresh=fresh)
+    if not fresh:
         check_resumable(cfg, vocab)
     config_path = save_resolved(cfg, run_dir)
     env = dict(os.environ)

@@ -31,7 +31,14 @@ def _plot(root: Path, result: dict[str, Any]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
+    made: list[str] = []
+
+    def save(fig, name: str) -> None:  # noqa: ANN001
+        fig.tight_layout()
+        fig.savefig(root / name, dpi=120)
+        plt.close(fig)
+        made.append(name)
+
     # 1. churn per method: one dot per repeat, the median as a bar.
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     methods = list(result["per_repeat"])
@@ -48,10 +55,7 @@ def _plot(root: Path, result: dict[str, Any]) -> list[str]:
     ax.set_xticks(range(len(methods)), [label(m) for m in methods], fontsize=7, rotation=15 if len(methods) > 3 else 0)
     ax.set_ylabel("churn: mean |pA − pB|")
     ax.set_title("Churn between two retrains (bars: median; dots: repeats, row-bootstrap 95% CI)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "churn.png", dpi=120)
-    plt.close(fig)
-    made.append("churn.png")
+    save(fig, "churn.png")
 
     # 2. churn vs staleness (exchange interval K), when the study compares several K.
     settings = result.get("codistill_settings", {})
@@ -70,10 +74,7 @@ def _plot(root: Path, result: dict[str, Any]) -> list[str]:
         ax.set_ylabel("median churn")
         ax.legend(fontsize=8)
         ax.set_title("Churn vs teacher staleness", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(root / "churn_vs_staleness.png", dpi=120)
-        plt.close(fig)
-        made.append("churn_vs_staleness.png")
+        save(fig, "churn_vs_staleness.png")
 
     # 3. learning curves of repeat 0.
     if any(result["curves"].values()):
@@ -87,10 +88,7 @@ def _plot(root: Path, result: dict[str, Any]) -> list[str]:
         ax.set_ylabel("validation log loss")
         ax.legend(fontsize=8)
         ax.set_title("Learning curves (repeat 0)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(root / "learning_curves.png", dpi=120)
-        plt.close(fig)
-        made.append("learning_curves.png")
+        save(fig, "learning_curves.png")
     return made
 
 

@@ -261,11 +261,13 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
         # Copies batch i+2 to the device and runs batch i+1's input all-to-all while batch i computes.
         # It reads ahead, which is why checkpoints store stream.state_at(step), not the stream's cursor.
         pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device)
+    def epoch_of(s: int) -> int:
+        return s * stream.batch_size // stream.epoch_rows
+
     while step < total_steps:
         # new epoch: optionally fresh embedding tables (the dense layers keep what they learned). Batches
         # run across epoch ends, so a step belongs to the epoch of its first row.
-        epoch = step * stream.batch_size // stream.epoch_rows
-        if cfg.train.reinit_embeddings_each_epoch and epoch > (step - 1) * stream.batch_size // stream.epoch_rows >= 0:
+        if cfg.train.reinit_embeddings_each_epoch and step > 0 and (epoch := epoch_of(step)) > epoch_of(step - 1):
             reinit_embeddings(model, optimizer, seed + 104_729 * epoch)
             if ctx.is_main:
                 log.write(event="reinit_embeddings", step=step, epoch=epoch)
