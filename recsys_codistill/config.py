@@ -197,10 +197,11 @@ class ShardingConfig:
 class OptimConfig:
     # Embedding tables: fused into the backward pass by fbgemm (TorchRec's fused optimizer).
     sparse_optimizer: Literal["rowwise_adagrad", "adam"] = "rowwise_adagrad"
-    sparse_lr: float = ranged(0.02, gt=0)
+    # Learning rates may be 0: that freezes those parameters at their init (tests compare layouts that way).
+    sparse_lr: float = ranged(0.02, ge=0)
     # Dense (MLP) parameters.
     dense_optimizer: Literal["adagrad", "adam"] = "adagrad"
-    dense_lr: float = ranged(0.01, gt=0)
+    dense_lr: float = ranged(0.01, ge=0)
     # Adagrad/Adam's denominator term: only keeps the update finite, so it is small and positive.
     eps: float = ranged(1e-8, gt=0, le=1)
     weight_decay: float = ranged(0.0, ge=0)
