@@ -48,6 +48,7 @@ __all__ = [
     "PROB_BUCKET_EDGES",
     "AlignedPredictions",
     "align",
+    "check_threshold",
     "churn_by_feature_frequency",
     "churn_by_probability_bucket",
     "churn_report",
@@ -163,12 +164,28 @@ def symmetric_pd(p_a: Any, p_b: Any) -> float:
     return float(np.mean(_spd_rows(a, b)))
 
 
+def check_threshold(threshold: Any, name: str = "threshold") -> float:
+    """``threshold`` as a float if it is a finite number in (0, 1), else a ValueError naming ``name``.
+
+    NaN compares false with every probability, so every row would be "negative" in both models and the
+    flip rate a silent 0; 0 or 1 (or beyond) puts every row in one class with the same effect.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} = {threshold!r}: expected a finite number in (0, 1)")
+    t = float(threshold)
+    if not (math.isfinite(t) and 0.0 < t < 1.0):
+        raise ValueError(f"{name} = {threshold!r}: expected a finite number in (0, 1)")
+    return t
+
+
 def flip_rate(p_a: Any, p_b: Any, threshold: float) -> dict[str, float]:
     """Fraction of rows whose class (p >= threshold is positive) differs between A and B.
 
     Returns ``{"flip_rate", "flip_0_to_1", "flip_1_to_0"}``, all fractions of *all* rows, where 0→1
     means negative under A and positive under B (so the two directions add up to ``flip_rate``).
+    ``threshold`` must be a finite number in (0, 1).
     """
+    threshold = check_threshold(threshold)
     a, b = _pair(p_a, p_b)
     a1, b1 = a >= threshold, b >= threshold
     up = int(np.count_nonzero(b1 & ~a1))
@@ -431,7 +448,7 @@ def churn_report(
 
     Args:
         p_a, p_b: predicted probabilities for the same rows in the same order (see :func:`align`).
-        threshold: class threshold for flips (p >= threshold is positive).
+        threshold: class threshold for flips (p >= threshold is positive), a finite number in (0, 1).
         bootstrap: number of replicates R (0 disables intervals).
         seed: seed of the ``numpy.random.Generator`` that draws the bootstrap weights.
         labels: optional 0/1 labels, NaN for unlabelled rows; adds log loss of A, of B and of A − B on the
@@ -445,6 +462,7 @@ def churn_report(
     Returns a JSON-serialisable dict; every estimate is ``{"value", "ci_low", "ci_high", "se"}`` (None
     where undefined, e.g. an empty bucket or ``bootstrap=0``).
     """
+    threshold = check_threshold(threshold)
     a, b = _pair(p_a, p_b)
     n = a.size
     if bootstrap < 0:

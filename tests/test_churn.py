@@ -252,3 +252,12 @@ def test_report_input_errors() -> None:
         churn_report(PA, PB, threshold=0.5, feature_values=[1, 2, 3])
     with pytest.raises(ValueError, match="NaN"):
         mean_abs_diff([0.1, np.nan], [0.1, 0.2])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, 1.0, -0.1, 2.0])
+def test_flip_threshold_must_be_finite_and_inside_0_1(bad: float) -> None:
+    # A NaN threshold used to compare false everywhere and report a flip rate of 0.
+    with pytest.raises(ValueError, match=r"threshold = .*finite number in \(0, 1\)"):
+        flip_rate(PA, PB, bad)
+    with pytest.raises(ValueError, match=r"threshold = .*finite number in \(0, 1\)"):
+        churn_report(PA, PB, threshold=bad, bootstrap=0)
