@@ -9,9 +9,13 @@ Input: Parquet prediction files (written by the ``predict`` command) with column
     {"schema": "recsys_codistill.eval/1",
      "threshold": ..., "threshold_source": ...,
      "models": [{"name", "path", "rows", "labelled_rows", "base_rate", "mean_probability",
-                 "auc", "log_loss", "normalized_entropy", "calibration"}, ...],
+                 "auc", "log_loss", "normalized_entropy", "calibration", "label_metrics"}, ...],
      "pairs":  [{"a", "b", **churn_report(...)}, ...],          # every i < j
      "feature": "C1" or None, "feature_reference": ..., "warnings": [...]}
+
+A file without labelled rows (``predict`` on an unlabelled data set writes ``label`` null on every row)
+gets no label metrics: ``base_rate``, ``auc``, ``log_loss``, ``normalized_entropy`` and ``calibration``
+are None and ``label_metrics`` says why; churn between files needs no labels and is still computed.
 
 :func:`format_table` renders it as plain text, :func:`write_json` saves it.
 """
@@ -30,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys_codistill import metrics
-from recsys_codistill.churn import align, churn_report
+from recsys_codistill.churn import align, check_threshold, churn_report
 
 __all__ = ["EVAL_SCHEMA", "evaluate", "format_table", "load_predictions", "write_json"]
 
@@ -95,6 +99,7 @@ def _model_metrics(name: str, pred: Predictions, warnings: list[str]) -> dict[st
     mask = np.isfinite(pred.label)
     y = pred.label[mask].astype(np.bool_)
     p = pred.probability[mask]
+    rows, labelled = int(pred.row_id.size), int(mask.sum())
     out: dict[str, Any] = {
         "name": name,
         "path": str(pred.path),
@@ -106,8 +111,16 @@ def _model_metrics(name: str, pred: Predictions, warnings: list[str]) -> dict[st
         "log_loss": None,
         "normalized_entropy": None,
         "calibration": None,
+        # Which rows the label metrics cover, or why there are none (never scored against made-up labels).
+        "label_metrics": f"on all {rows} rows"
+        if labelled == rows
+        else f"on the {labelled} labelled of {rows} rows",
     }
     if y.size == 0:
+        out["label_metrics"] = (
+            "skipped: no labelled rows (label is null on every row: unlabelled data); "
+            "base rate, AUC, log loss, NE and calibration are not computed"
+        )
         warnings.append(f"{name}: no labelled rows, quality metrics skipped")
         return out
     out["base_rate"] = metrics.base_rate(y)
@@ -187,20 +200,28 @@ def evaluate(
     Args:
         pred_paths: prediction Parquet files (one per model), all on the same row ids for churn.
         names: display names (default: file stems, disambiguated by parent directory).
-        threshold: flip threshold; None uses the base rate of the first file's labels (0.5 if it has
-            none, with a warning).
+        threshold: flip threshold, a finite number in (0, 1); None uses the base rate of the first
+            file's labels (0.5, with a warning, if it has none or they are all of one class).
         bootstrap, seed: bootstrap replicates and seed for :func:`~recsys_codistill.churn.churn_report`.
         data_dir: optional ingested Parquet directory (``manifest.json`` + shards with ``row_id`` and
             ``C1..C26``); adds churn per frequency bucket of ``feature``, frequency counted over all
             rows of ``data_dir``.
         feature: categorical column for the frequency buckets.
 
-    Raises FileNotFoundError / ValueError naming the file (and column) at fault, and ValueError when two
-    files' row ids differ (churn needs identical rows).
+    Raises FileNotFoundError / ValueError naming the file (and column) at fault, ValueError when two
+    files' row ids differ (churn needs identical rows) or when ``threshold``, ``bootstrap`` or ``seed`` is
+    out of range.
     """
     paths = [Path(p) for p in pred_paths]
     if not paths:
         raise ValueError("evaluate needs at least one predictions file")
+    # Checked before any file is read: a NaN threshold would compare false everywhere and report 0 flips.
+    if threshold is not None:
+        check_threshold(threshold, "threshold")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
+        raise ValueError(f"bootstrap = {bootstrap!r}: expected an integer >= 0 (0 = no intervals)")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed = {seed!r}: expected an integer >= 0")
     if names is None:
         names = _default_names(paths)
     names = list(names)
@@ -211,8 +232,13 @@ def evaluate(
 
     models = [_model_metrics(nm, pr, warnings) for nm, pr in zip(names, preds, strict=True)]
     if threshold is None:
-        if models[0]["base_rate"] is not None:
-            threshold, source = float(models[0]["base_rate"]), f"base rate of {names[0]}'s labels"
+        base = models[0]["base_rate"]
+        if base is not None and 0.0 < base < 1.0:
+            threshold, source = float(base), f"base rate of {names[0]}'s labels"
+        elif base is not None:
+            # All labels of one class: a threshold of 0 or 1 would make every row one class and hide flips.
+            threshold, source = 0.5, f"default 0.5 ({names[0]}'s labels are all {int(base)})"
+            warnings.append(f"{names[0]}'s labels are all {int(base)}: flip threshold defaults to 0.5")
         else:
             threshold, source = 0.5, "default 0.5 (first file has no labels)"
             warnings.append(f"{names[0]} has no labels: flip threshold defaults to 0.5")
@@ -333,6 +359,9 @@ def format_table(result: dict[str, Any]) -> str:
             ],
         )
     )
+    for m in models:
+        if m.get("labelled_rows") == 0 and m.get("label_metrics"):
+            out.append(f"{m['name']}: label metrics {m['label_metrics']}")
     pairs = result.get("pairs", [])
     if pairs:
         boot = result.get("bootstrap", {})

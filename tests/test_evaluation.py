@@ -190,3 +190,79 @@ def test_invalid_values_are_rejected(tmp_path: Path) -> None:
     pq.write_table(t, p)
     with pytest.raises(ValueError, match="'label' must be 0/1"):
         load_predictions(p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unlabelled predictions and the flip threshold
+
+
+def test_unlabelled_files_get_no_label_metrics_but_still_churn(setup: dict, tmp_path: Path) -> None:
+    # What predict writes for an unlabelled data set: label null on every row.
+    a = _write_preds(tmp_path / "ua.parquet", setup["ids"], None, setup["p1"])
+    b = _write_preds(tmp_path / "ub.parquet", setup["ids"], None, setup["p2"])
+    assert np.isnan(load_predictions(a).label).all()
+    res = evaluate([a, b], names=["A", "B"], bootstrap=30)
+    for m in res["models"]:
+        assert m["labelled_rows"] == 0
+        assert all(
+            m[k] is None for k in ("base_rate", "auc", "log_loss", "normalized_entropy", "calibration")
+        )
+        assert m["label_metrics"].startswith("skipped: no labelled rows")
+    (pair,) = res["pairs"]
+    assert "labelled" not in pair  # no log-loss difference on made-up labels
+    assert pair["mean_abs_diff"]["value"] == pytest.approx(mean_abs_diff(setup["p1"], setup["p2"]))
+    assert pair["flip_rate"]["value"] == pytest.approx(flip_rate(setup["p1"], setup["p2"], 0.5)["flip_rate"])
+    assert pair["flip_rate"]["ci_low"] is not None
+    text = format_table(res)
+    assert "A: label metrics skipped" in text and "B: label metrics skipped" in text
+    out = write_json(res, tmp_path / "r.json")
+    assert json.loads(out.read_text())["models"][0]["label_metrics"].startswith("skipped")
+
+
+def test_label_metrics_note_says_which_rows_were_scored(setup: dict) -> None:
+    res = evaluate([setup["a"], setup["b"]], bootstrap=0)
+    assert res["models"][0]["label_metrics"] == f"on the {N - 50} labelled of {N} rows"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 0.0, 1.0, -0.2, 1.5])
+def test_threshold_must_be_finite_and_inside_0_1(setup: dict, bad: float) -> None:
+    with pytest.raises(ValueError, match=r"threshold = .*expected a finite number in \(0, 1\)"):
+        evaluate([setup["a"], setup["b"]], threshold=bad, bootstrap=0)
+
+
+def test_one_class_labels_do_not_give_a_degenerate_default_threshold(setup: dict, tmp_path: Path) -> None:
+    a = _write_preds(tmp_path / "a.parquet", setup["ids"], np.zeros(N), setup["p1"])
+    res = evaluate([a, setup["b"]], bootstrap=0)
+    assert res["threshold"] == 0.5 and "all 0" in res["threshold_source"]
+    assert any("all 0: flip threshold defaults to 0.5" in w for w in res["warnings"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match", [({"bootstrap": -1}, "bootstrap = -1"), ({"seed": -3}, "seed = -3")]
+)
+def test_bootstrap_and_seed_ranges(setup: dict, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        evaluate([setup["a"], setup["b"]], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--threshold", "nan"], "--threshold"),
+        (["--threshold", "inf"], "--threshold"),
+        (["--threshold", "1"], "--threshold"),
+        (["--threshold", "0"], "--threshold"),
+        (["--bootstrap", "-1"], "--bootstrap"),
+        (["--seed", "-1"], "--seed"),
+        (["--name", "only-one"], "--name"),
+    ],
+)
+def test_cli_eval_names_the_bad_flag(
+    setup: dict, capsys: pytest.CaptureFixture, args: list, flag: str
+) -> None:
+    from recsys_codistill.cli import main as cli_main
+
+    code = cli_main(["eval", "--pred", str(setup["a"]), "--pred", str(setup["b"]), *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"eval: error: {flag}" in err, err
