@@ -3,10 +3,15 @@
 The checkpoint's shards (from any number of training ranks) are resharded by DCP into a plain, unsharded
 copy of the model, so prediction needs no process group. Output Parquet: ``row_id, label, logit,
 probability``, one row per input row, sorted by row id.
+
+``label`` is null on every row of an unlabelled data set (as its manifest records), never a made-up 0, so
+``eval`` cannot score a model against labels that do not exist. Non-finite logits (a diverged or damaged
+model) are refused before anything is written.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from data_pipeline.loader import CriteoStream
+from data_pipeline.loader import CriteoStream, read_manifest
 from models import build_model
 from recsys_codistill.checkpoint import check_inputs, latest_checkpoint, load_model_weights
 from recsys_codistill.config import RunConfig, load_config, replace
@@ -45,10 +50,39 @@ def load_run(
     return cfg, model.eval(), step
 
 
+def dataset_is_labelled(data_dir: str | Path) -> bool:
+    """Whether the ingested data set ``data_dir`` has labels, as its ``manifest.json`` records.
+
+    Ingest writes ``labelled`` (and ``positives: null`` for unlabelled data); a manifest with neither (older
+    or hand-written) is decided from the Parquet footers: unlabelled iff every ``label`` value is null. The
+    loader turns a null label into 0, so this cannot be read back from the batches.
+    """
+    manifest_path, files = read_manifest(data_dir)
+    manifest = json.loads(manifest_path.read_text())
+    if isinstance(manifest.get("labelled"), bool):
+        return bool(manifest["labelled"])
+    if "positives" in manifest:
+        return manifest["positives"] is not None
+    for entry in files:
+        meta = pq.ParquetFile(Path(data_dir) / entry["path"]).metadata
+        index = meta.schema.to_arrow_schema().get_field_index("label")
+        for g in range(meta.num_row_groups):
+            chunk = meta.row_group(g).column(index)
+            stats = chunk.statistics
+            if stats is None or not stats.has_null_count or stats.null_count != chunk.num_values:
+                return True
+    return False
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, cfg: RunConfig, data_dir: str | Path, batch_size: int = 8192
 ) -> dict[str, np.ndarray]:
+    """``row_id``, ``label`` (float32; NaN on every row of an unlabelled data set) and ``logit`` (float64)
+    of every row of ``data_dir``, sorted by row id."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    labelled = dataset_is_labelled(data_dir)
     stream = CriteoStream(
         data_dir,
         batch_size=batch_size,
@@ -67,26 +101,52 @@ def predict_logits(
         logits.append(out[keep])
     row_id = torch.cat(ids).numpy()
     order = np.argsort(row_id, kind="stable")
+    label = torch.cat(labels).numpy()[order]
+    if not labelled:
+        label = np.full(label.shape, np.nan, dtype=np.float32)  # the loader's 0s stand for missing labels
     return {
         "row_id": row_id[order],
-        "label": torch.cat(labels).numpy()[order],
+        "label": label,
         "logit": torch.cat(logits).double().numpy()[order],
     }
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
+    # exp(-z) overflows to inf for z < -709, which still gives the right limit 0: silence only that.
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-z))
 
 
-def write_predictions(path: str | Path, row_id: np.ndarray, label: np.ndarray, logit: np.ndarray) -> Path:
+def check_finite(logit: np.ndarray, what: str) -> None:
+    """Refuse non-finite logits: a NaN/inf model output (diverged training, damaged weights) must never be
+    served as a probability."""
+    bad = int(np.count_nonzero(~np.isfinite(logit)))
+    if bad:
+        raise ValueError(
+            f"{what}: {bad} of {logit.size} rows have a non-finite logit (NaN or inf); refusing to write "
+            "predictions (the model's weights are probably non-finite: a diverged or damaged checkpoint)"
+        )
+
+
+def write_predictions(
+    path: str | Path, row_id: np.ndarray, label: np.ndarray, logit: np.ndarray, *, what: str = ""
+) -> Path:
+    """Write one predictions file atomically. ``label`` NaN = unlabelled row, written as null; ``what``
+    names the model in errors (default: the output path)."""
     path = Path(path)
+    check_finite(logit, what or f"predictions for {path}")
+    label = np.asarray(label, dtype=np.float64)
+    missing = np.isnan(label)
+    if np.any((label[~missing] != 0) & (label[~missing] != 1)):
+        raise ValueError(f"{what or f'predictions for {path}'}: labels must be 0, 1 or NaN (unlabelled)")
+    probability = _sigmoid(logit)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table(
         {
             "row_id": pa.array(row_id, pa.int64()),
-            "label": pa.array(label.astype(np.int8), pa.int8()),
+            "label": pa.array(np.where(missing, 0, label).astype(np.int8), pa.int8(), mask=missing),
             "logit": pa.array(logit, pa.float64()),
-            "probability": pa.array(_sigmoid(logit), pa.float64()),
+            "probability": pa.array(probability, pa.float64()),
         }
     )
     tmp = path.with_name(path.name + ".tmp")
@@ -108,25 +168,38 @@ def predict(
     if not runs:
         raise ValueError("predict needs at least one --run")
     out = Path(out)
-    members = []
+    members, names = [], []
+    # Every member is predicted and checked before any file is written: a bad member must not leave the
+    # other members' files (or a stale ensemble) behind as if the command had worked.
     for run in runs:
-        cfg, model, _ = load_run(run, group)
-        members.append(predict_logits(model, cfg, data_dir, batch_size))
-    written = []
+        cfg, model, step = load_run(run, group)
+        names.append(f"run {run} (group {group}, checkpoint step {step})")
+        m = predict_logits(model, cfg, data_dir, batch_size)
+        check_finite(m["logit"], names[-1])
+        members.append(m)
     if len(members) == 1:
         m = members[0]
-        return [write_predictions(out, m["row_id"], m["label"], m["logit"])]
+        return [write_predictions(out, m["row_id"], m["label"], m["logit"], what=names[0])]
     for i, m in enumerate(members):
         if not np.array_equal(m["row_id"], members[0]["row_id"]):
             raise ValueError(f"run {runs[i]} predicted different rows than {runs[0]}")
-        written.append(
-            write_predictions(
-                out.with_name(f"{out.stem}.member{i}.parquet"), m["row_id"], m["label"], m["logit"]
-            )
+    written = [
+        write_predictions(
+            out.with_name(f"{out.stem}.member{i}.parquet"), m["row_id"], m["label"], m["logit"], what=names[i]
         )
+        for i, m in enumerate(members)
+    ]
+    # The ensemble averages probabilities (the paper's ensemble row), stored as the logit of the mean.
     p = np.mean([_sigmoid(m["logit"]) for m in members], axis=0)
     p = np.clip(p, 1e-12, 1 - 1e-12)
     written.insert(
-        0, write_predictions(out, members[0]["row_id"], members[0]["label"], np.log(p) - np.log1p(-p))
+        0,
+        write_predictions(
+            out,
+            members[0]["row_id"],
+            members[0]["label"],
+            np.log(p) - np.log1p(-p),
+            what=f"ensemble of {len(runs)} runs",
+        ),
     )
     return written
