@@ -68,14 +68,32 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_predict(a: argparse.Namespace) -> int:
     from recsys_codistill.predict import predict
 
+    # Checked here so the error names the flag, not the library's keyword.
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size {a.batch_size}: expected an integer >= 1")
+    if a.group < 0:
+        raise ValueError(f"--group {a.group}: expected an integer >= 0 (a group of the run)")
     for path in predict(a.run, a.data, a.out, group=a.group, batch_size=a.batch_size):
         print(f"wrote {path}")
     return 0
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
+    from recsys_codistill.churn import check_threshold
     from recsys_codistill.evaluation import evaluate, format_table, write_json
 
+    # Checked here so the errors name the flags, not the library's keywords. A NaN threshold would
+    # otherwise make every row "negative" in both models and report a flip rate of 0.
+    if a.threshold is not None:
+        check_threshold(a.threshold, "--threshold")
+    if a.bootstrap < 0:
+        raise ValueError(f"--bootstrap {a.bootstrap}: expected an integer >= 0 (0 = no intervals)")
+    if a.seed < 0:
+        raise ValueError(f"--seed {a.seed}: expected an integer >= 0")
+    if a.name is not None and len(a.name) != len(a.pred):
+        raise ValueError(
+            f"--name given {len(a.name)} times for {len(a.pred)} --pred files; give one per --pred"
+        )
     result = evaluate(
         a.pred,
         names=a.name,
@@ -157,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="quality per model and churn between every pair of prediction files")
     s.add_argument("--pred", action="append", required=True)
     s.add_argument("--name", action="append", help="display name per --pred")
-    s.add_argument("--threshold", type=float, help="flip-rate threshold (default: base rate)")
-    s.add_argument("--bootstrap", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--threshold", type=float, help="flip-rate threshold, in (0, 1) (default: the first file's base rate)"
+    )
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0 = no intervals)")
+    s.add_argument("--seed", type=int, default=0, help="bootstrap seed (>= 0)")
     s.add_argument("--data", help="ingested Parquet dir for per-feature-frequency churn")
     s.add_argument("--feature", default="C1")
     s.add_argument("--out", help="write the full result as JSON")
