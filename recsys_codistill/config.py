@@ -506,6 +506,16 @@ def validate(cfg: RunConfig, source: str = "<config>") -> None:
         )
     if s.nnodes > 1 and s.rdzv_port == 0:
         raise ConfigError(f"{source}: sharding.nnodes > 1 needs an explicit sharding.rdzv_host and rdzv_port")
+    if s.rdzv_port and s.rdzv_port + c.num_groups - 1 > 65535:
+        # Group g rendezvouses on rdzv_port + g, so the last group's port must exist too.
+        raise ConfigError(
+            f"{source}: sharding.rdzv_port = {s.rdzv_port} with codistill.num_groups = {c.num_groups} puts the "
+            f"last group on port {s.rdzv_port + c.num_groups - 1}; expected rdzv_port <= {65536 - c.num_groups}"
+        )
+    # Empty strings: run_dir "" would be the working directory itself; an empty host cannot be reached.
+    for key, value in (("run_dir", cfg.run_dir), ("sharding.rdzv_host", s.rdzv_host)):
+        if not value.strip():
+            raise ConfigError(f"{source}: {key} = {value!r}; expected a non-empty string")
     if c.exchange_mode == "async" and c.max_staleness_steps < c.exchange_every:
         raise ConfigError(
             f"{source}: codistill.max_staleness_steps ({c.max_staleness_steps}) must be >= exchange_every "

@@ -282,13 +282,16 @@ def test_ranges_apply_to_overrides_and_from_dict():
         (["model.dense_arch=[]"], "dense_arch must end in embedding_dim"),
         (["model.over_arch=[16, 2]"], "over_arch .* end in 1"),
         (["model.over_arch=[1]"], "over_arch must have at least 2 layers"),
+        (["sharding.rdzv_port=65535", "codistill.num_groups=2"], "rdzv_port <= 65534"),
+        (['run_dir=""'], "run_dir = ''; expected a non-empty string"),
+        (['sharding.rdzv_host=" "'], "rdzv_host = ' '; expected a non-empty string"),
     ],
 )
 def test_cross_field_ranges(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
     # The paper's MLP uses neither dense_arch nor over_arch.
-    if "model.arch=dcn" not in overrides and not overrides[0].startswith("sharding"):
+    if overrides[0].startswith("model.") and "model.arch=dcn" not in overrides:
         load_config(None, ["model.arch=mlp", *overrides])
 
 
