@@ -39,6 +39,9 @@ def load_run(
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a training run directory?")
     # The run directory may have moved since training: files saved with the run are found from here.
     cfg = replace(load_config(cfg_path), run_dir=str(run_dir))
+    if not 0 <= group < cfg.codistill.num_groups:
+        n = cfg.codistill.num_groups
+        raise ValueError(f"{run_dir} trained {n} group(s), numbered 0..{n - 1}; it has no group {group}")
     ckpt = latest_checkpoint(run_dir / f"group{group}" / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"no complete checkpoint under {run_dir / f'group{group}' / 'checkpoints'}")

@@ -193,3 +193,12 @@ def test_cli_predict_flags_are_checked_by_name(
     code = cli_main(["predict", "--run", str(tmp_path), "--data", str(tmp_path), "--out", "x.parquet", *args])
     assert code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_load_run_names_a_group_the_run_does_not_have(tmp_path: Path) -> None:
+    from recsys_codistill.config import save_resolved
+    from recsys_codistill.predict import load_run
+
+    save_resolved(_cfg(tmp_path / "run"), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"trained 1 group\(s\), numbered 0..0; it has no group 3"):
+        load_run(tmp_path / "run", group=3)
