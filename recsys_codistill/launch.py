@@ -1,23 +1,39 @@
-"""Start one torchrun per co-distilling group from a single command.
+"""Start every co-distilling group from a single command, and supervise it.
 
 Groups never share a process group: each is its own torch.distributed world with its own rendezvous
 (DESIGN §4), and they exchange models only through checkpoint directories. If any group fails (past
-torchrun's ``--max-restarts``), the others are stopped and the failing group's exit code is returned.
+``sharding.max_restarts``), the others are stopped and the failing group's exit code is returned.
+
+Single node (``nnodes = 1``, the default): the launcher starts the ranks itself. They meet through a
+``FileStore`` in the run directory and gloo/nccl sockets on the loopback interface, so nothing listens on
+the network (torch elastic's TCP store binds every interface and is unauthenticated). A rank that dies
+restarts its whole group (torchrun's semantics) from the latest checkpoint, up to ``max_restarts`` times.
+
+Multi-node: one ``torchrun`` per group with the c10d rendezvous at ``sharding.rdzv_host:rdzv_port + g``.
+Its store listens on all interfaces of the host node: run it on a private network or behind a firewall
+that admits only the other nodes (README, "Trust model").
+
+Every child is in its own session and dies with the launcher (``PR_SET_PDEATHSIG``), kill -9 included;
+the run directory is locked for the launcher's lifetime, and the workers read a config file of their own
+launch, so two commands can never mix in one run directory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
-import shutil
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from recsys_codistill import atomic
 from recsys_codistill.config import ConfigError, RunConfig, save_resolved, to_toml
 from recsys_codistill.features import prepare_vocab
+from recsys_codistill.run_dir import RunDir, RunDirBusy
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -36,6 +52,8 @@ def preflight(cfg: RunConfig) -> None:
         )
     if cfg.sharding.backend == "nccl" and not torch_cuda_available():
         raise ConfigError("sharding.backend = 'nccl' needs CUDA; use gloo (or auto) on CPU")
+    if cfg.codistill.num_groups > 1:
+        check_exchange_dir(cfg)
     world = cfg.sharding.nproc * cfg.sharding.nnodes
     # Reads the manifest and Parquet footers only (cheap), and sizes every (group, rank) worker's share: a
     # missing data set, a bad file or too few row groups for num_groups x ranks fails here, named.
@@ -58,6 +76,34 @@ def preflight(cfg: RunConfig) -> None:
         )
 
 
+def check_exchange_dir(cfg: RunConfig) -> Path:
+    """The exchange root is cleaned of old versions, so it may not be (or contain) anything the user needs:
+    refused if it equals or contains the run directory, a data directory, the working directory, the home
+    directory or a filesystem root, if it lies inside a data directory, or if it holds files this project
+    did not write."""
+    from recsys_codistill.teacher_exchange import ROOT_MARKER
+
+    root = RunDir(cfg.run_dir).exchange(cfg.codistill.exchange_dir)
+    data = {"data.train_dir": cfg.data.train_dir, "data.valid_dir": cfg.data.valid_dir}
+    try:
+        resolved = atomic.check_not_protected(
+            root, "codistill.exchange_dir", {"the run directory": cfg.run_dir, **data}
+        )
+        for name, q in data.items():
+            if q and Path(q).resolve() in resolved.parents:
+                raise ValueError(
+                    f"codistill.exchange_dir = {root} lies inside {name} ({q}); choose another place"
+                )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if root.exists() and not (root / ROOT_MARKER).is_file() and (not root.is_dir() or any(root.iterdir())):
+        raise ConfigError(
+            f"codistill.exchange_dir = {root} exists and is not an exchange directory made by recsys-codistill "
+            f"(no {ROOT_MARKER}); it may hold your files: choose a new or empty directory"
+        )
+    return root
+
+
 def check_resumable(cfg: RunConfig, vocab: object) -> None:
     """A checkpoint trained under another input mapping must be refused here, before config.toml is
     overwritten (the workers check too, but by then the run's recorded settings would be gone)."""
@@ -65,7 +111,7 @@ def check_resumable(cfg: RunConfig, vocab: object) -> None:
     from recsys_codistill.features import input_fingerprint
 
     for g in range(cfg.codistill.num_groups):
-        ckpt = latest_checkpoint(Path(cfg.run_dir) / f"group{g}" / "checkpoints")
+        ckpt = latest_checkpoint(RunDir(cfg.run_dir).checkpoints(g))
         if ckpt is not None:
             try:
                 check_inputs(ckpt, input_fingerprint(cfg, vocab))  # type: ignore[arg-type]
@@ -77,7 +123,7 @@ def warn_if_config_changed(cfg: RunConfig, run_dir: Path) -> None:
     """Resuming under a changed config silently mixes two experiments: say which keys changed."""
     import difflib
 
-    old = run_dir / "config.toml"
+    old = RunDir(run_dir).config
     if not old.is_file() or fresh_start(cfg):
         return
     new_text = to_toml(cfg)
@@ -104,68 +150,209 @@ def torch_cuda_available() -> bool:
 
 def fresh_start(cfg: RunConfig) -> bool:
     """No group has a checkpoint to resume from."""
-    from recsys_codistill.checkpoint import latest_checkpoint
+    from recsys_codistill.checkpoint import list_checkpoints
 
     if not cfg.checkpoint.resume:
         return True
+    # Checkpoint directories with a manifest count, damaged or not: the workers fall back past damaged
+    # ones (or refuse to start over silently), where a fresh start would clear the exchange.
     return all(
-        latest_checkpoint(Path(cfg.run_dir) / f"group{g}" / "checkpoints") is None
-        for g in range(cfg.codistill.num_groups)
+        not list_checkpoints(RunDir(cfg.run_dir).checkpoints(g)) for g in range(cfg.codistill.num_groups)
     )
 
 
+WORKER_MODULE = "recsys_codistill.worker"
+STORE_ENV = "RECSYS_CODISTILL_STORE"  # FileStore path of a launcher-spawned group (worker.py reads it)
+EXIT_NO_RESTART = 3  # a worker's "restarting would fail the same way" (a non-finite loss)
+
+
+def die_with_parent() -> None:
+    """In a child: get SIGKILL when the parent dies (Linux), so no process outlives the launcher, even a
+    launcher killed with -9. Elsewhere a no-op (the launcher still stops the children it outlives)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def worker_command(config_path: Path, group: int) -> list[str]:
+    return [sys.executable, "-m", WORKER_MODULE, "--config", str(config_path), "--group", str(group)]
+
+
 def torchrun_command(cfg: RunConfig, config_path: Path, group: int) -> list[str]:
+    """Multi-node: torchrun with the c10d rendezvous on ``rdzv_host:rdzv_port + group``."""
     s = cfg.sharding
-    if s.nnodes == 1 and s.rdzv_port == 0:
-        # Single node: torchrun's own store on a port it picks and holds, so concurrent runs (a study
-        # trains several at once) can never meet in one rendezvous.
-        rdzv = ["--standalone"]
-    else:
-        run_id = hashlib.sha256(str(Path(cfg.run_dir).resolve()).encode()).hexdigest()[:12]
-        rdzv = [
-            f"--nnodes={s.nnodes}",
-            f"--node-rank={s.node_rank}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={s.rdzv_host}:{s.rdzv_port + group}",
-            f"--rdzv-id=recsys-codistill-{run_id}-group{group}",
-        ]
+    run_id = hashlib.sha256(str(Path(cfg.run_dir).resolve()).encode()).hexdigest()[:12]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={s.nproc}",
-        *rdzv,
+        f"--nnodes={s.nnodes}",
+        f"--node-rank={s.node_rank}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={s.rdzv_host}:{s.rdzv_port + group}",
+        f"--rdzv-id=recsys-codistill-{run_id}-group{group}",
         f"--max-restarts={s.max_restarts}",
-        "-m",
-        "recsys_codistill.worker",
-        "--config",
-        str(config_path),
-        "--group",
-        str(group),
+        *worker_command(config_path, group)[1:],
     ]
+
+
+def _spawn(cmd: list[str], env: dict[str, str], out: object) -> subprocess.Popen:
+    # Own session: a terminal's Ctrl-C reaches the launcher only, which stops the children in order, and a
+    # child's whole session (its own helper processes too) can be signalled at once.
+    return subprocess.Popen(
+        cmd, env=env, stdout=out, stderr=out, start_new_session=True, preexec_fn=die_with_parent
+    )
+
+
+def _signal_session(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_all(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """SIGTERM every child's session, then SIGKILL whatever is left after ``grace_s``."""
+    for p in procs:
+        if p.poll() is None:
+            _signal_session(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in procs:
+        _signal_session(p, signal.SIGKILL)  # stragglers of a session whose leader already exited, too
+        if p.poll() is None:
+            p.wait()
+
+
+def exit_code(code: int) -> int:
+    """A shell-style status: -N (killed by signal N) becomes 128 + N."""
+    return code if code >= 0 else 128 - code
+
+
+class Group:
+    """One group's processes: ``nproc`` ranks spawned here (single node) or one torchrun (multi-node)."""
+
+    def __init__(
+        self, cfg: RunConfig, group: int, config_path: Path, env: dict[str, str], out: object
+    ) -> None:
+        self.cfg, self.group, self.config_path, self.env, self.out = cfg, group, config_path, env, out
+        self.own_ranks = cfg.sharding.nnodes == 1
+        self.restarts = 0
+        self.procs: list[subprocess.Popen] = []
+        self.store: Path | None = None
+        self.start()
+
+    def start(self) -> None:
+        if not self.own_ranks:
+            self.procs = [
+                _spawn(torchrun_command(self.cfg, self.config_path, self.group), self.env, self.out)
+            ]
+            return
+        # A fresh store file per attempt: a FileStore keeps every key it was ever given.
+        self.store = self.config_path.with_name(
+            f"{self.config_path.stem}.group{self.group}.try{self.restarts}.store"
+        )
+        n = self.cfg.sharding.nproc
+        self.procs = []
+        for r in range(n):
+            env = {
+                **self.env,
+                STORE_ENV: str(self.store),
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": str(n),
+                "LOCAL_WORLD_SIZE": str(n),
+                "GROUP_RANK": "0",
+                "TORCHELASTIC_RESTART_COUNT": str(self.restarts),
+            }
+            self.procs.append(_spawn(worker_command(self.config_path, self.group), env, self.out))
+
+    def poll(self) -> int | None:
+        """None while running, else the group's exit code (0 = every rank finished). A failed rank stops
+        its group; with restarts left, the whole group starts again and resumes from its checkpoint."""
+        codes = [p.poll() for p in self.procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if not failed:
+            return 0 if all(c == 0 for c in codes) else None
+        self.stop()
+        if self.own_ranks and self.restarts < self.cfg.sharding.max_restarts and EXIT_NO_RESTART not in failed:
+            self.restarts += 1
+            print(
+                f"recsys-codistill: group {self.group}: a rank exited with code {exit_code(failed[0])}; "
+                f"restarting the group ({self.restarts}/{self.cfg.sharding.max_restarts})",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.start()
+            return None
+        return exit_code(failed[0])
+
+    def stop(self) -> None:
+        stop_all(self.procs)
+        if self.store is not None:
+            self.store.unlink(missing_ok=True)  # the launcher's own file
 
 
 def launch(cfg: RunConfig, *, quiet: bool = False) -> int:
     """Run every group to completion; returns 0 or the first failing group's exit code."""
-    run_dir = Path(cfg.run_dir)
     preflight(cfg)
-    fresh = fresh_start(cfg)
-    exchange = Path(cfg.codistill.exchange_dir or run_dir / "exchange")
-    if cfg.codistill.num_groups > 1 and fresh and exchange.exists():
-        # Versions left by an earlier attempt in this run directory must never serve as teachers.
-        shutil.rmtree(exchange)
+    rd = RunDir(cfg.run_dir)
+    try:
+        lock = rd.lock()
+    except RunDirBusy as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return _launch_locked(cfg, rd, quiet)
+    finally:
+        lock.close()
+
+
+def _clean_earlier_attempt(cfg: RunConfig, rd: RunDir, fresh: bool) -> None:
+    """Remove what an earlier attempt in this run directory left and must not be reused, and only what this
+    project provably wrote (checkpoints and versions carry its manifest, the exchange root its marker)."""
+    from recsys_codistill.checkpoint import KIND, list_checkpoints
+    from recsys_codistill.teacher_exchange import claim_root, clear_versions
+
+    if cfg.codistill.num_groups > 1:
+        root = rd.exchange(cfg.codistill.exchange_dir)
+        if fresh:
+            clear_versions(root, cfg.codistill.num_groups)  # never serve an earlier attempt's versions
+        claim_root(root, cfg.run_dir)
     if not cfg.checkpoint.resume:
         # Starting over in a used run directory: the earlier attempt's checkpoints (higher steps) would
         # otherwise outlive the new ones in keep-last-N pruning and be what `predict` loads.
-        for old in sorted(run_dir.glob("group*/checkpoints")):
-            print(f"recsys-codistill: checkpoint.resume = false: removing {old} of an earlier attempt", file=sys.stderr)
-            shutil.rmtree(old)
-    warn_if_config_changed(cfg, run_dir)
+        for g in range(cfg.codistill.num_groups):
+            old = list_checkpoints(rd.checkpoints(g))
+            if old:
+                print(
+                    f"recsys-codistill: checkpoint.resume = false: removing {len(old)} checkpoint(s) of an earlier "
+                    f"attempt under {rd.checkpoints(g)}",
+                    file=sys.stderr,
+                )
+            for _, path in old:
+                atomic.remove_owned(path, KIND)
+
+
+def _launch_locked(cfg: RunConfig, rd: RunDir, quiet: bool) -> int:
+    fresh = fresh_start(cfg)
+    _clean_earlier_attempt(cfg, rd, fresh)
+    warn_if_config_changed(cfg, rd.root)
     # Counted here, once, before any worker starts: every rank of every group then loads the same file.
     vocab = prepare_vocab(cfg, fresh=fresh)
     if not fresh:
         check_resumable(cfg, vocab)
-    config_path = save_resolved(cfg, run_dir)
+    save_resolved(cfg, rd.root)  # the run's record (predict, resume)
+    # The workers' own copy: a file no other launch writes, so they train exactly what this launch resolved.
+    rd.launches.mkdir(exist_ok=True)
+    for stale in rd.launches.glob("launch-*"):
+        stale.unlink()  # left by a launcher killed earlier (we hold the lock: no one else uses them)
+    config_path = rd.launches / f"launch-{int(time.time())}-{os.getpid()}-{secrets.token_hex(3)}.toml"
+    config_path.write_text(to_toml(cfg))
     env = dict(os.environ)
     # Each rank is one process; without this every rank starts one OpenMP thread per core and they fight.
     threads = cfg.sharding.threads or max(
@@ -173,47 +360,49 @@ def launch(cfg: RunConfig, *, quiet: bool = False) -> int:
     )
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("PYTHONWARNINGS", "ignore")
-    procs: list[subprocess.Popen] = []
+    if cfg.sharding.nnodes == 1:
+        # Collective sockets on loopback only: nothing of a single-node run is reachable from the network.
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    groups: list[Group] = []
     logs = []
-    for g in range(cfg.codistill.num_groups):
-        (run_dir / f"group{g}").mkdir(parents=True, exist_ok=True)
-        log = (run_dir / f"group{g}" / "launcher.log").open("ab")
-        logs.append(log)
-        out = log if quiet else None
-        procs.append(subprocess.Popen(torchrun_command(cfg, config_path, g), env=env, stdout=out, stderr=out))
     failed: tuple[int, int] | None = None
     try:
-        while any(p.poll() is None for p in procs):
-            for g, p in enumerate(procs):
-                if p.poll() not in (None, 0) and failed is None:
-                    failed = (g, p.returncode)
-            if failed is not None:
-                break
-            time.sleep(0.5)
-        for g, p in enumerate(procs):
-            if failed is None and p.returncode not in (None, 0):
-                failed = (g, p.returncode)
+        for g in range(cfg.codistill.num_groups):
+            rd.group(g).mkdir(parents=True, exist_ok=True)
+            log = rd.launcher_log(g).open("ab")
+            logs.append(log)
+            groups.append(Group(cfg, g, config_path, env, log if quiet else None))
+        done: set[int] = set()
+        while failed is None and len(done) < len(groups):
+            for g, grp in enumerate(groups):
+                code = None if g in done else grp.poll()
+                if code == 0:
+                    done.add(g)
+                elif code is not None:
+                    failed = (g, code)
+                    break
+            time.sleep(0.2)
     except KeyboardInterrupt:
         failed = (-1, 130)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for grp in groups:
+            grp.stop()
         for log in logs:
             log.close()
+        config_path.unlink(missing_ok=True)
     if failed is not None:
         g, code = failed
-        print(
-            f"recsys-codistill: group {g} failed with exit code {code}; see {run_dir / f'group{g}'} "
-            "(launcher.log, metrics.jsonl) and the torchrun output above",
-            file=sys.stderr,
+        where = (
+            f"see {rd.group(g)} (launcher.log, metrics.jsonl) and the output above"
+            if g >= 0
+            else "interrupted"
         )
+        print(f"recsys-codistill: group {g} failed with exit code {code}; {where}", file=sys.stderr)
         return code or 1
-    if cfg.codistill.num_groups > 1 and not cfg.codistill.keep_exchange and exchange.exists():
-        shutil.rmtree(exchange)  # every group finished: no one will load these versions again
+    if cfg.codistill.num_groups > 1 and not cfg.codistill.keep_exchange:
+        # Every group finished: no one will load these versions again (only ours are removed).
+        from recsys_codistill.teacher_exchange import clear_versions
+
+        clear_versions(rd.exchange(cfg.codistill.exchange_dir), cfg.codistill.num_groups)
     return 0

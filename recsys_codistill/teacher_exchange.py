@@ -3,82 +3,67 @@
 Layout (``codistill.exchange_dir``, default ``<run_dir>/exchange``; any path DCP's filesystem writer
 takes)::
 
+    .recsys-codistill-exchange      marker: this directory was made by this project for a run
     group0/step_00000050/           complete version: DCP files + manifest.json (written last)
     group0/.tmp-step_00000100/      being written: never read
     group0/checkpoint.json          this group's latest training checkpoint step (keeps GC from deleting
                                     versions a restarted group will need again)
 
-Publishing: every rank writes its shards into the temp dir (``dcp.save`` is collective within the group's
-world), rank 0 then hashes the files into ``manifest.json`` (step, sha256 per file, plan), fsyncs and
-renames. A reader only trusts directories whose manifest is present and whose files match it, so a torn or
-partial version is never loaded; it falls back to the previous complete one.
+Publishing follows :mod:`recsys_codistill.atomic`: every rank writes its shards into the temp dir
+(``dcp.save`` is collective within the group's world), rank 0 then writes ``manifest.json`` (group, step,
+sha256 per file, plan), fsyncs and renames. A reader trusts a version only if its manifest names this group
+and step and lists exactly the directory's files, intact; it is loaded through :mod:`recsys_codistill.dcp_io`
+(no code in it can run). A torn version is never listed; a damaged one is skipped (async: the previous
+intact version serves; lockstep: a clear error, since exactly that version is needed). A restarted group
+re-publishes any version that is missing or damaged.
 
 Which version a group uses at step ``s`` (after burn-in):
 - ``lockstep``: the peer's version ``s - s % K``, waiting for it: runs are exactly reproducible.
 - ``async``: the freshest complete version, waiting only when it is older than ``max_staleness_steps``.
 Rank 0 decides and broadcasts, so all ranks of a group load the same version.
+
+Cleaning removes only versions whose manifest (or partial marker) proves this project wrote them, under a
+root that carries the marker; the root itself is never removed while anything else is in it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from recsys_codistill.checkpoint import broadcast_from_rank0, model_state_dict
+from recsys_codistill import atomic, dcp_io, dist
+from recsys_codistill.checkpoint import model_state_dict
 from recsys_codistill.config import RunConfig
 
+KIND = "teacher_version"
+ROOT_MARKER = ".recsys-codistill-exchange"
 _PREFIX = "step_"
 _POLL_S = 0.05
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def version_dir(root: Path, group: int, step: int) -> Path:
     return root / f"group{group}" / f"{_PREFIX}{step:08d}"
 
 
+def verify_version(path: Path, group: int, step: int, verify_checksums: bool = True) -> dict[str, Any]:
+    """The manifest of an intact version ``step`` of ``group``; raises atomic.DamagedDirectory otherwise
+    (the manifest must list exactly the directory's files, by plain name, and name this group and step)."""
+    return atomic.verify(path, KIND, {"step": step, "group": group}, checksums=verify_checksums)
+
+
 def is_complete(path: Path, verify_checksums: bool = True) -> bool:
-    """A version is complete iff its manifest exists and every file it lists is there, intact."""
-    manifest = path / "manifest.json"
+    """A version is complete iff its manifest verifies for the group and step its path names."""
     try:
-        meta = json.loads(manifest.read_text())
-        for name, info in meta["files"].items():
-            f = path / name
-            if f.stat().st_size != info["bytes"]:
-                return False
-            if verify_checksums and _sha256(f) != info["sha256"]:
-                return False
-    except (OSError, ValueError, KeyError, TypeError):
+        group, step = int(path.parent.name.removeprefix("group")), int(path.name.removeprefix(_PREFIX))
+        verify_version(path, group, step, verify_checksums)
+    except (ValueError, atomic.DamagedDirectory):
         return False
     return True
 
@@ -89,45 +74,76 @@ def complete_versions(root: Path, group: int, verify_checksums: bool = False) ->
         return []
     steps = []
     for p in d.iterdir():
-        if p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit() and is_complete(p, verify_checksums):
+        if (
+            p.name.startswith(_PREFIX)
+            and p.name[len(_PREFIX) :].isdigit()
+            and is_complete(p, verify_checksums)
+        ):
             steps.append(int(p.name[len(_PREFIX) :]))
     return sorted(steps)
 
 
 def publish(root: Path, group: int, step: int, model: nn.Module, plan_text: str = "") -> Path:
-    """Collective within the group: write ``model`` as version ``step`` atomically."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    final = version_dir(root, group, step)
-    tmp = final.with_name(f".tmp-{final.name}")
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
-    dcp.save({"model": model_state_dict(model)}, checkpoint_id=str(tmp))
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-            files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-        manifest = {"step": step, "group": group, "files": files, "plan": plan_text}
-        with (tmp / "manifest.json").open("w") as fh:
-            json.dump(manifest, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # a restarted group re-publishing a version it already wrote
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(final)
-        _fsync_dir(final.parent)
-    if dist.is_initialized():
-        dist.barrier()
-    return final
+    """Collective within the group: write ``model`` as version ``step`` atomically. An intact version of
+    this step already there (a restarted group re-publishing) is kept; a damaged one is replaced."""
+    state = {"model": model_state_dict(model)}
+    return atomic.write_collectively(
+        version_dir(root, group, step),
+        KIND,
+        {"step": step, "group": group, "plan": plan_text},
+        lambda tmp: dcp_io.save(state, tmp),
+        replace=False,
+    )
+
+
+def _owner_record(run_dir: str | Path) -> dict[str, str]:
+    return {"created_by": atomic.CREATED_BY, "run_dir": str(Path(run_dir).resolve())}
+
+
+def claim_root(root: Path, run_dir: str | Path) -> None:
+    """Launcher: make ``root`` an exchange directory of this run, or refuse. An existing directory is taken
+    only if it is empty or carries this project's exchange marker; anything else may hold a user's files."""
+    marker = root / ROOT_MARKER
+    if root.exists() and not marker.is_file():
+        if not root.is_dir() or any(root.iterdir()):
+            raise ValueError(
+                f"codistill.exchange_dir = {root} exists and is not an exchange directory made by "
+                f"{atomic.CREATED_BY} (no {ROOT_MARKER}); choose a new or empty directory"
+            )
+    root.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        marker.write_text(json.dumps(_owner_record(run_dir)))
+
+
+def clear_versions(root: Path, num_groups: int) -> list[Path]:
+    """Remove the versions (and temp dirs, and checkpoint notes) this project wrote under an exchange
+    root it marked; nothing else. Returns what was removed. Empty group dirs and the root go too."""
+    removed: list[Path] = []
+    if not (root / ROOT_MARKER).is_file():
+        return removed
+    for g in range(num_groups):
+        d = root / f"group{g}"
+        if not d.is_dir() or d.is_symlink():
+            continue
+        for p in sorted(d.iterdir()):
+            if p.name.startswith((_PREFIX, atomic.TMP_PREFIX + _PREFIX, atomic.OLD_PREFIX + _PREFIX)):
+                if atomic.remove_owned(p, KIND):
+                    removed.append(p)
+        note = d / "checkpoint.json"
+        if note.is_file() and not note.is_symlink():
+            note.unlink()
+        _rmdir_if_empty(d)
+    if {p.name for p in root.iterdir()} == {ROOT_MARKER}:
+        (root / ROOT_MARKER).unlink()
+        _rmdir_if_empty(root)
+    return removed
+
+
+def _rmdir_if_empty(d: Path) -> None:
+    try:
+        d.rmdir()
+    except OSError:
+        pass  # not empty: something we did not make stays
 
 
 class TeacherExchange:
@@ -145,6 +161,8 @@ class TeacherExchange:
         self.publish_seconds = 0.0
         self.bytes_published = 0
         self.wait_seconds = 0.0
+        self.good: dict[int, set[int]] = {p: set() for p in self.peers}
+        self.bad: dict[int, set[int]] = {p: set() for p in self.peers}
         (self.root / f"group{group}").mkdir(parents=True, exist_ok=True)
         # Frozen copies with the student's plan, built up front (outside no_grad: DMP's fused kernels
         # are set up through autograd hooks). Their weights come from the first loaded version.
@@ -157,16 +175,59 @@ class TeacherExchange:
             self.teachers[peer] = teacher
 
     # -- choosing and loading teachers -------------------------------------------------------------------
-    def _find(self, peer: int, step: int) -> int | None:
-        """Rank 0: the peer version to use at ``step`` if it is there now, else None."""
-        versions = complete_versions(self.root, peer)
+    def _verified(self, peer: int, version: int) -> bool:
+        """Rank 0: whether ``version`` of ``peer`` passes its checksums (once per version); a damaged one
+        is remembered and skipped from then on."""
+        if version in self.good[peer]:
+            return True
+        if version in self.bad[peer]:
+            return False
+        path = version_dir(self.root, peer, version)
+        try:
+            verify_version(path, peer, version)
+        except atomic.DamagedDirectory as e:
+            self.bad[peer].add(version)
+            print(f"[group {self.group}] warning: teacher version unusable: {e}", file=sys.stderr, flush=True)
+            return False
+        self.good[peer].add(version)
+        return True
+
+    def _find(self, peer: int, step: int) -> int | str | None:
+        """Rank 0: the verified peer version to use at ``step`` if it is there now, None to keep waiting,
+        or an error message when waiting cannot help."""
+        versions = [v for v in complete_versions(self.root, peer) if v not in self.bad[peer]]
         if self.cfg.exchange_mode == "lockstep":
             target = step - step % self.cfg.exchange_every
-            return target if target in versions else None
-        # async: the freshest complete version, whoever is ahead; wait only when it is too stale.
-        if versions and step - versions[-1] <= self.cfg.max_staleness_steps:
-            return versions[-1]
+            if target not in versions:
+                return None
+            if self._verified(peer, target):
+                return target
+            # Lockstep needs exactly this version; the peer re-publishes it only if it replays that step.
+            return (
+                f"group {self.group}: teacher version {version_dir(self.root, peer, target)} of group {peer} is "
+                "damaged (see the warning above) and lockstep needs exactly it; resume group "
+                f"{peer} from an earlier checkpoint to re-publish it, or use codistill.exchange_mode = 'async'"
+            )
+        # async: the freshest intact version, whoever is ahead (an older intact one if the freshest is
+        # damaged); wait only when it is too stale.
+        for v in reversed(versions):
+            if step - v > self.cfg.max_staleness_steps:
+                break
+            if self._verified(peer, v):
+                return v
         return None
+
+    def _why_waiting(self, peer: int, step: int) -> str:
+        """What is under the peer's directory and why none of it serves (for the timeout message)."""
+        d = self.root / f"group{peer}"
+        found = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+        notes = [f"found {found[-5:] or 'nothing'}"]
+        for v in sorted(self.bad[peer])[-3:]:
+            notes.append(f"{version_dir(self.root, peer, v).name} damaged")
+        for p in sorted(d.glob(f"{_PREFIX}*"))[-3:] if d.is_dir() else []:
+            if p.name[len(_PREFIX) :].isdigit() and not is_complete(p, verify_checksums=False):
+                notes.append(f"{p.name} incomplete (no valid manifest)")
+        return "; ".join(notes)
 
     def _wanted(self, peer: int, step: int) -> int:
         """Collective: poll until the wanted version exists. Every poll is one short broadcast from rank 0,
@@ -174,15 +235,18 @@ class TeacherExchange:
         that never delivers ends in a clear error instead of a silent hang."""
         t0 = time.perf_counter()
         while True:
-            target = broadcast_from_rank0(self._find(peer, step) if self.ctx.rank == 0 else None)
+            target = dist.broadcast_from_rank0(self._find(peer, step) if self.ctx.rank == 0 else None)
+            if isinstance(target, str):
+                raise RuntimeError(target)
             if target is not None:
                 break
             waited = time.perf_counter() - t0
             if waited > self.cfg.wait_timeout_s:
+                why = self._why_waiting(peer, step) if self.ctx.rank == 0 else ""
                 raise RuntimeError(
-                    f"group {self.group} waited {waited:.0f}s at step {step} for a teacher version of group {peer} "
-                    f"under {self.root / f'group{peer}'} ({self.cfg.exchange_mode}); is group {peer} running? "
-                    "(codistill.wait_timeout_s)"
+                    f"group {self.group} waited {waited:.0f}s at step {step} for a teacher version of group "
+                    f"{peer} under {self.root / f'group{peer}'} ({self.cfg.exchange_mode}): {why}; is group "
+                    f"{peer} running? (codistill.wait_timeout_s)"
                 )
             time.sleep(_POLL_S)
         self.wait_seconds += time.perf_counter() - t0
@@ -190,18 +254,18 @@ class TeacherExchange:
 
     def _refresh(self, step: int) -> None:
         for peer in self.peers:
-            if self.cfg.exchange_mode == "lockstep" and self.loaded.get(peer) == step - step % self.cfg.exchange_every:
+            if (
+                self.cfg.exchange_mode == "lockstep"
+                and self.loaded.get(peer) == step - step % self.cfg.exchange_every
+            ):
                 continue  # lockstep: nothing new can be wanted before the next multiple of K
             target = self._wanted(peer, step)
             if self.loaded.get(peer) == target:
                 continue
-            path = version_dir(self.root, peer, target)
-            if self.ctx.rank == 0 and not is_complete(path, verify_checksums=True):
-                raise RuntimeError(f"teacher version {path} failed its checksum after being listed complete")
             t0 = time.perf_counter()
             teacher = self.teachers[peer]
             state = {"model": teacher.state_dict()}
-            dcp.load(state, checkpoint_id=str(path))
+            dcp_io.load(state, version_dir(self.root, peer, target))
             teacher.load_state_dict(state["model"])
             self.load_seconds += time.perf_counter() - t0
             self.loaded[peer] = target
@@ -235,8 +299,12 @@ class TeacherExchange:
         """Publish the version peers need right at ``step`` (0 at a fresh start; after a resume, the
         version of the resumed step if it is a multiple of K)."""
         version = step - step % self.cfg.exchange_every
-        exists = broadcast_from_rank0(version_dir(self.root, self.group, step).exists() if self.ctx.rank == 0 else None)
-        if self._useful(version) and version == step and not exists:
+        # An intact version of this step is kept; a missing or damaged one is (re-)published, so a peer
+        # waiting for it is served.
+        intact = dist.broadcast_from_rank0(
+            is_complete(version_dir(self.root, self.group, step)) if self.ctx.rank == 0 else None
+        )
+        if self._useful(version) and version == step and not intact:
             self.publish(model, step)
 
     def note_checkpoint(self, step: int) -> None:
@@ -253,7 +321,7 @@ class TeacherExchange:
             keep |= {v for v in versions if v >= floor - self.cfg.exchange_every}
         for v in versions:
             if v not in keep:
-                shutil.rmtree(version_dir(self.root, self.group, v), ignore_errors=True)
+                atomic.remove_owned(version_dir(self.root, self.group, v), KIND)
 
     def _peer_checkpoint(self, peer: int) -> int | None:
         """The peer's latest checkpoint step, or None if it keeps none (then it cannot replay anyway)."""

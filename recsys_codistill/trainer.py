@@ -21,7 +21,8 @@ from torch import nn
 from data_pipeline.loader import CriteoStream
 from data_pipeline.vocab import IdVocabulary
 from models import build_model
-from recsys_codistill.checkpoint import Checkpointer, is_wrapped
+from recsys_codistill import dist as dist_helpers
+from recsys_codistill.checkpoint import Checkpointer, NonFiniteError, is_wrapped
 from recsys_codistill.codistill import CodistillTrain, codistill_loss
 from recsys_codistill.config import RunConfig
 from recsys_codistill.features import input_fingerprint, load_vocab, stream_options
@@ -311,6 +312,13 @@ def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
             if exchange is not None:
                 rec.update(exchange.status(step))
             log.write(**rec)
+            # every rank agrees, or the ranks that did not see it would hang in the next collective
+            if not dist_helpers.all_true(math.isfinite(rec["loss"])):
+                raise NonFiniteError(
+                    f"group {group}: the training loss became non-finite by step {step} (NaN or inf; last "
+                    f"logged loss {rec['loss']}); stopping without saving. Lower optim.dense_lr / "
+                    "optim.sparse_lr or check the data"
+                )
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
             t_last, step_last = now, step

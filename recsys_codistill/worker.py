@@ -1,19 +1,24 @@
-"""Entry point of one rank, started by torchrun (``python -m torch.distributed.run ... -m recsys_codistill.worker``).
+"""Entry point of one rank, started by the launcher (single node) or by torchrun (multi-node).
 
-Each co-distilling group runs its own torchrun, so ``RANK``/``WORLD_SIZE`` here are the group's own world.
+Each co-distilling group is its own world, so ``RANK``/``WORLD_SIZE`` here are the group's own. A rank the
+launcher started meets its group through the ``FileStore`` named by ``RECSYS_CODISTILL_STORE`` (nothing
+listens on the network); under torchrun, through torchrun's store (``env://``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from recsys_codistill.checkpoint import NonFiniteError
 from recsys_codistill.config import load_config
+from recsys_codistill.launch import EXIT_NO_RESTART, STORE_ENV, die_with_parent
 from recsys_codistill.sharding import quiet_library_logs, resolve_backend, resolve_device
 from recsys_codistill.trainer import DistContext, train
 
@@ -23,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", required=True, help="resolved config.toml written by the launcher")
     p.add_argument("--group", type=int, default=0)
     args = p.parse_args(argv)
+    # Under torchrun our parent is its agent: die with it too (the launcher's own children have this set).
+    die_with_parent()
+    if os.getppid() == 1:
+        raise SystemExit("recsys-codistill worker: the launcher is gone; not starting")
     cfg = load_config(args.config)
 
     # TorchRec and torch emit many one-off warnings per rank (planner estimates, fx tracing): keep the
@@ -33,10 +42,23 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(cfg.sharding.threads)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(cfg.sharding, local_rank)
-    dist.init_process_group(backend=resolve_backend(cfg.sharding, device), timeout=timedelta(minutes=30))
+    backend, timeout = resolve_backend(cfg.sharding, device), timedelta(minutes=30)
+    store_path = os.environ.get(STORE_ENV)
+    if store_path:
+        world_size = int(os.environ["WORLD_SIZE"])
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(
+            backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size, timeout=timeout
+        )
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     ctx = DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
     try:
         train(cfg, args.group, ctx)
+    except NonFiniteError as e:
+        # Deterministic: a restart would replay into the same NaN. The launcher does not restart this code.
+        print(f"recsys-codistill: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NO_RESTART) from None
     finally:
         dist.destroy_process_group()
 

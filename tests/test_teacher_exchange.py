@@ -67,7 +67,8 @@ def test_disjoint_groups_partition_the_training_rows(tiny_parquet):
 
 
 def _fake_version(root: Path, step: int, *, manifest: bool = True, truncate: bool = False) -> Path:
-    import hashlib
+    from recsys_codistill import atomic
+    from recsys_codistill.teacher_exchange import KIND
 
     d = version_dir(root, 1, step)
     d.mkdir(parents=True)
@@ -75,8 +76,7 @@ def _fake_version(root: Path, step: int, *, manifest: bool = True, truncate: boo
     (d / "__0_0.distcp").write_bytes(payload)
     (d / ".metadata").write_bytes(b"meta")
     if manifest:
-        files = {n: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in (("__0_0.distcp", payload), (".metadata", b"meta"))}
-        (d / "manifest.json").write_text(json.dumps({"step": step, "files": files}))
+        atomic.write_manifest(d, KIND, {"step": step, "group": 1})
     if truncate:
         (d / "__0_0.distcp").write_bytes(payload[:100])
     return d
@@ -130,6 +130,7 @@ def _exchange(tmp_path: Path, **codistill):  # noqa: ANN202
     ex = TeacherExchange.__new__(TeacherExchange)  # version choice needs no model
     ex.cfg = CodistillConfig(num_groups=2, **codistill)
     ex.root, ex.group, ex.wait_seconds = tmp_path, 0, 0.0
+    ex.peers, ex.good, ex.bad = [1], {1: set()}, {1: set()}
     ex.ctx = DistContext(0, 1, 0, torch.device("cpu"))
     return ex
 
