@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -65,21 +65,48 @@ class DatasetError(ValueError):
 
 
 def read_manifest(data_dir: str | Path) -> tuple[Path, list[dict[str, Any]]]:
-    """(manifest path, its ``files`` entries) with every entry checked to have ``path`` and ``rows``."""
+    """(manifest path, its ``files`` entries) with every entry checked to have ``path`` and ``rows`` and
+    to name a file inside ``data_dir`` (see :func:`check_manifest_entry`)."""
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise DatasetError(f"{path}: no manifest.json in data directory {data_dir} (run the ingester first)")
     try:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
+        if not isinstance(files, list):
+            raise TypeError(f"'files' is a {type(files).__name__}, not a list")
         for f in files:
             if not isinstance(f["path"], str) or not isinstance(f["rows"], int):
                 raise TypeError(f"bad entry {f!r}")
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise DatasetError(
             f"{path}: malformed manifest ({e}); expected {{'files': [{{'path', 'rows'}}]}}"
         ) from e
+    for f in files:
+        check_manifest_entry(path, f["path"])
     return path, files
+
+
+def check_manifest_entry(manifest_path: Path, entry: str) -> None:
+    """Refuse a manifest ``path`` that could name a file outside the manifest's directory: absolute (also
+    Windows-style), with a ``..``, empty or ``.`` component, or a backslash. A data directory is trusted
+    only for what is inside it; a manifest is data, and must not make the loader read ``/etc/passwd`` or
+    a sibling's files. Relative paths with ``/`` inside the directory (``train/part-00000.parquet``, as a
+    split data set's top manifest lists them) are fine."""
+    why = None
+    if not entry:
+        why = "is empty"
+    elif entry.startswith("/") or PureWindowsPath(entry).anchor:
+        why = "is an absolute path"
+    elif "\\" in entry:
+        why = "contains a backslash"
+    elif any(part in ("", ".", "..") for part in entry.split("/")):
+        why = "has an empty, '.' or '..' component"
+    if why:
+        raise DatasetError(
+            f"{manifest_path}: files entry {entry!r} {why}; expected a relative path inside "
+            f"{manifest_path.parent} such as 'part-00000.parquet'"
+        )
 
 
 def _open_checked(path: Path, manifest_path: Path, expected_rows: int) -> pq.ParquetFile:

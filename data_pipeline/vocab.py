@@ -131,7 +131,11 @@ def build(data_dir: str | Path, min_count: int) -> IdVocabulary:
     manifest = data_dir / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} not found: is {data_dir} an ingested data directory?")
-    files = [data_dir / f["path"] for f in json.loads(manifest.read_text())["files"]]
+    # The loader's reader: it checks every entry, refusing paths that lead outside data_dir. Imported here
+    # because the loader imports this module.
+    from data_pipeline.loader import read_manifest
+
+    files = [data_dir / f["path"] for f in read_manifest(data_dir)[1]]
     counts, rows = count_ids(files)
     return from_counts(counts, min_count, source=str(data_dir), rows_counted=rows)
 

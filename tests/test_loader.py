@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,6 +314,44 @@ def test_row_count_mismatch(tiny_parquet: Path) -> None:
     (tiny_parquet / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(DatasetError, match="part-00000.parquet: has 37 rows"):
         _stream(tiny_parquet)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "../outside.parquet",
+        "/etc/passwd",
+        "sub/../../outside.parquet",
+        "./part-00000.parquet",
+        "a//b.parquet",
+        "",
+        "C:\\data\\x.parquet",
+        "..\\outside.parquet",
+    ],
+)
+def test_manifest_entry_outside_the_directory_is_refused(tiny_parquet: Path, entry: str) -> None:
+    """A manifest is data: it must not make the loader (or the vocabulary count) read files outside."""
+    from data_pipeline.vocab import build
+
+    (tiny_parquet.parent / "outside.parquet").write_bytes((tiny_parquet / "part-00000.parquet").read_bytes())
+    m = json.loads((tiny_parquet / "manifest.json").read_text())
+    m["files"][0]["path"] = entry
+    (tiny_parquet / "manifest.json").write_text(json.dumps(m))
+    expected = rf"manifest.json: files entry {re.escape(repr(entry))} .*expected a relative path inside"
+    with pytest.raises(DatasetError, match=expected):
+        _stream(tiny_parquet)
+    with pytest.raises(DatasetError, match=expected):
+        build(tiny_parquet, 1)
+
+
+def test_manifest_entry_in_a_subdirectory_is_fine(tiny_parquet: Path) -> None:
+    """A split data set's top manifest lists train/part-... and valid/part-...: paths inside are fine."""
+    (tiny_parquet / "train").mkdir()
+    (tiny_parquet / "part-00001.parquet").rename(tiny_parquet / "train" / "part-00001.parquet")
+    m = json.loads((tiny_parquet / "manifest.json").read_text())
+    m["files"][1]["path"] = "train/part-00001.parquet"
+    (tiny_parquet / "manifest.json").write_text(json.dumps(m))
+    assert _stream(tiny_parquet, shuffle=False).total_rows == 60
 
 
 # ---------------------------------------------------------------------------------------------------
