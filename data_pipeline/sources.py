@@ -15,8 +15,11 @@ How a file is read (why it is built this way):
   ``invalid_row_handler`` gets none when parsing in parallel, and it silently skips blank lines), so we keep
   the line bookkeeping ourselves and let Arrow do the heavy parsing of each chunk (multi-threaded).
 - Happy path: Arrow parses the chunk, nothing is skipped, the row count equals the newline count, so row
-  ``i`` is line ``first_line + i``. Otherwise (rare) the chunk takes the slow path: numpy finds every line's
-  field count, bad lines become rejects, and only the good lines are handed to Arrow again.
+  ``i`` is line ``first_line + i``. Otherwise (rare: a blank line, a wrong field count, a line longer than
+  Arrow's block, whatever bytes it holds) the chunk takes the slow path: numpy finds every line's field
+  count, bad lines become rejects, and only the good lines are handed to Arrow again. No line can abort
+  the file; one longer than 64 MiB is dropped as it is read and rejected too.
+- A UTF-8 byte order mark at the start of a file (Excel writes one) is skipped.
 - Values: Arrow parses a chunk typed where that is safe (I* as int32, C* as 8-byte fixed-size binary that a
   numpy lookup table decodes from hex; see :class:`_ArrowParser`). A chunk Arrow cannot type (a malformed
   value somewhere) is parsed as strings and validated column by column with vectorised kernels
@@ -34,6 +37,7 @@ import hashlib
 import io
 import json
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +54,16 @@ from data_pipeline.schema import DENSE_COLUMNS, LABEL_COLUMN, MAX_HEX_DIGITS, RA
 # memory bounded and to give Arrow a few 1 MiB blocks to parse in parallel.
 DEFAULT_CHUNK_BYTES = 4 << 20
 _ARROW_BLOCK_BYTES = 1 << 20
-# How much decompressed text detect_format() looks at to find the first well-formed line.
-_DETECT_BYTES = 1 << 20
-# A single line longer than this is not Criteo data; fail instead of buffering without bound.
+# detect_format() decides labelled vs unlabelled by majority over this many non-blank lines (at most
+# _DETECT_BYTES of decompressed text, read in blocks; lines over _SAMPLE_LINE_BYTES are not sampled: a
+# Criteo line is at most ~450 bytes).
+_DETECT_LINES = 1000
+_DETECT_BYTES = 16 << 20
+_DETECT_BLOCK_BYTES = 256 << 10
+_SAMPLE_LINE_BYTES = 64 << 10
+_UTF8_BOM = b"\xef\xbb\xbf"
+# A single line longer than this is not Criteo data: it is dropped as it is read (a reject, "line_length")
+# instead of being buffered without bound.
 _MAX_LINE_BYTES = 64 << 20
 # Reject records keep at most this much of the offending line.
 MAX_RAW_CHARS = 500
@@ -103,12 +114,20 @@ _HEX_PAIR_NUL0 = _HEX_PAIR.copy()
 _HEX_PAIR_NUL0[0] = 0
 
 
-REJECT_KINDS = ("blank_line", "field_count", "stray_cr", "label", "dense", "categorical")
+REJECT_KINDS = ("blank_line", "field_count", "stray_cr", "line_length", "label", "dense", "categorical")
 
 
 class IngestError(Exception):
-    """Bad or unreadable input. The message names the file (and line, where there is one) and what was
-    expected."""
+    """Bad or unreadable input, or an output that cannot or must not be written. The message names the file
+    (and line, where there is one) and what was expected.
+
+    ``cli_message`` is the same message for the command line, where options are spelled as flags
+    (``--overwrite``) rather than as Python keywords (``overwrite=True``); it defaults to the message.
+    """
+
+    def __init__(self, message: str, *, cli_message: str | None = None) -> None:
+        super().__init__(message)
+        self.cli_message = cli_message if cli_message is not None else message
 
 
 @dataclass(frozen=True)
@@ -121,6 +140,7 @@ class SourceFormat:
     compression: Literal["gzip"] | None
     kind: Literal["tsv", "csv"]
     labelled: bool
+    bom: bool = False  # the text starts with a UTF-8 byte order mark (skipped when reading)
 
     @property
     def delimiter(self) -> str:
@@ -149,6 +169,8 @@ class SourceFormat:
             "labelled": self.labelled,
             "fields": len(self.file_columns),
             "header_lines": self.header_lines,
+            # Only when there is one, so manifests of ordinary inputs stay as they were.
+            **({"bom": True} if self.bom else {}),
         }
 
 
@@ -163,7 +185,13 @@ class Reject:
     raw: str  # the line, CR/LF stripped, truncated to MAX_RAW_CHARS
 
     def to_json(self) -> str:
-        record = {"source": self.source, "line": self.line, "reason": self.reason, "kind": self.kind, "raw": self.raw}
+        record = {
+            "source": self.source,
+            "line": self.line,
+            "reason": self.reason,
+            "kind": self.kind,
+            "raw": self.raw,
+        }
         return json.dumps(record, ensure_ascii=False)
 
 
@@ -245,13 +273,45 @@ def _decompression_error(name: str, err: Exception) -> IngestError:
 _DECOMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
-def detect_format(path: str | Path) -> SourceFormat:
-    """Detect compression (magic bytes), TSV vs Kaggle CSV (a header line starting ``Id,``) and, for TSV,
-    labelled (40 fields) vs unlabelled (39 fields) from the first line that has 39 or 40 fields.
+def _sample_lines(stream: io.RawIOBase, max_lines: int) -> tuple[list[bytes], bool, bool]:
+    """(up to max_lines complete lines from the start of the stream (LF and CR stripped), whether the stream
+    ended within them, whether any line was skipped as too long to be Criteo). Reads at most _DETECT_BYTES
+    of text: lines longer than _SAMPLE_LINE_BYTES are skipped without being kept, so one huge line cannot
+    hide the rest of the file from the detection, nor make it buffer without bound."""
+    lines: list[bytes] = []
+    carry = b""
+    skipping = False  # inside a line too long to sample: drop bytes up to its newline
+    skipped = False
+    read = 0
+    while len(lines) < max_lines and read < _DETECT_BYTES:
+        block = stream.read(_DETECT_BLOCK_BYTES)
+        if not block:
+            if carry and not skipping:
+                lines.append(carry.rstrip(b"\r"))
+            return lines[:max_lines], True, skipped
+        read += len(block)
+        pieces = (carry + block).split(b"\n")
+        carry = pieces.pop()
+        for piece in pieces:
+            if skipping:  # the tail of the long line
+                skipping = False
+                continue
+            lines.append(piece.rstrip(b"\r"))
+        if len(carry) > _SAMPLE_LINE_BYTES:
+            carry, skipping, skipped = b"", True, True
+    return lines[:max_lines], False, skipped
 
-    Raises IngestError for a missing/unreadable/empty file or one with no recognisable line in its first
-    1 MiB. Empty inputs are errors rather than empty datasets: in a data pipeline an empty file is almost
-    always a failed download or a wrong path.
+
+def detect_format(path: str | Path) -> SourceFormat:
+    """Detect compression (magic bytes), TSV vs Kaggle CSV (a header line starting ``Id,``, after an
+    optional UTF-8 byte order mark) and, for TSV, labelled (40 fields) vs unlabelled (39 fields) by majority
+    over the first _DETECT_LINES non-blank lines: one odd first line (a 39-field line in a labelled file)
+    must not decide the format of the whole file, which would then reject every good row.
+
+    On a tie (tiny files) the first 39- or 40-field line decides. Raises IngestError for a missing,
+    unreadable or empty file, or one with no 39- or 40-field line among those sampled. Empty inputs are
+    errors rather than empty datasets: in a data pipeline an empty file is almost always a failed download
+    or a wrong path.
     """
     name = str(path)
     p = Path(path)
@@ -261,19 +321,21 @@ def detect_format(path: str | Path) -> SourceFormat:
     compression = _sniff_compression(p, name)
     hashing, stream = _open_text(p, compression)
     try:
-        head = stream.read(_DETECT_BYTES)
+        lines, at_end, skipped_long = _sample_lines(stream, _DETECT_LINES + 1)  # + 1: a CSV header
     except _DECOMPRESSION_ERRORS as e:
         raise _decompression_error(name, e) from e
+    except OSError as e:
+        raise IngestError(f"{name}: read error: {e.strerror or e}") from e
     finally:
         stream.close()
         hashing.close()
-    if not head.strip():
+    bom = bool(lines) and lines[0].startswith(_UTF8_BOM)
+    if bom:  # a BOM is an encoding mark some tools write (Excel's "CSV UTF-8"), not data
+        lines[0] = lines[0][len(_UTF8_BOM) :]
+    if not any(line.strip() for line in lines) and at_end and not skipped_long:
         raise IngestError(f"{name}: no rows (the file holds only blank lines or nothing after decompression)")
 
-    lines = head.split(b"\n")
-    if len(head) == _DETECT_BYTES:
-        lines = lines[:-1]  # the last piece may be a partial line
-    first = lines[0].rstrip(b"\r") if lines else b""
+    first = lines[0] if lines else b""
     if first.startswith(b"Id,"):
         header = tuple(first.decode("ascii", errors="replace").split(","))
         if header == _CSV_HEADER_LABELLED:
@@ -285,19 +347,30 @@ def detect_format(path: str | Path) -> SourceFormat:
                 f"{name}: line 1: CSV header {first[:200]!r} is not 'Id,Label,I1..I13,C1..C26' "
                 "(or 'Id,I1..I13,C1..C26' for unlabelled data)"
             )
-        if not any(line.strip() for line in lines[1:]) and len(head) < _DETECT_BYTES:
+        if not any(line.strip() for line in lines[1:]) and at_end and not skipped_long:
             raise IngestError(f"{name}: CSV header but no rows")
-        return SourceFormat(p, name, size, compression, "csv", labelled)
+        return SourceFormat(p, name, size, compression, "csv", labelled, bom)
 
-    for line in lines:
-        n_fields = line.rstrip(b"\r").count(b"\t") + 1
-        if n_fields in (_LABELLED_FIELDS, _UNLABELLED_FIELDS):
-            return SourceFormat(p, name, size, compression, "tsv", n_fields == _LABELLED_FIELDS)
-    raise IngestError(
-        f"{name}: no line with {_LABELLED_FIELDS} (labelled) or {_UNLABELLED_FIELDS} (unlabelled) "
-        f"tab-separated fields in the first {len(lines)} lines; not Criteo TSV "
-        "(and no 'Id,Label,...' CSV header)"
-    )
+    sample = [line for line in lines[:_DETECT_LINES] if line.strip()]
+    n_fields = Counter(line.count(b"\t") + 1 for line in sample)
+    n_labelled, n_unlabelled = n_fields[_LABELLED_FIELDS], n_fields[_UNLABELLED_FIELDS]
+    if n_labelled == n_unlabelled == 0:
+        raise IngestError(
+            f"{name}: no line with {_LABELLED_FIELDS} (labelled) or {_UNLABELLED_FIELDS} (unlabelled) "
+            f"tab-separated fields in the first {len(sample)} lines"
+            + (f" (lines over {_SAMPLE_LINE_BYTES} bytes not counted)" if skipped_long else "")
+            + "; not Criteo TSV (and no 'Id,Label,...' CSV header)"
+        )
+    if n_labelled != n_unlabelled:
+        labelled = n_labelled > n_unlabelled
+    else:  # a tie (tiny files): the first well-formed line decides, as it always did
+        first_fields = next(
+            n
+            for n in (line.count(b"\t") + 1 for line in sample)
+            if n in (_LABELLED_FIELDS, _UNLABELLED_FIELDS)
+        )
+        labelled = first_fields == _LABELLED_FIELDS
+    return SourceFormat(p, name, size, compression, "tsv", labelled, bom)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -356,21 +429,22 @@ class _ArrowParser:
       would read "01" as 1). Any value Arrow cannot convert (a 7-digit id, "1.5", an int32 overflow) fails
       the whole call, and the chunk is parsed again as strings.
     - strings: every column a string; used for such chunks and validated column by column.
+
+    Arrow raises ArrowInvalid for a line with the wrong field count and for a line longer than its block
+    size; the caller then classifies the lines itself (see _parse_chunk). There is deliberately no
+    ``invalid_row_handler``: pyarrow decodes the row's text as UTF-8 to call it, so a malformed line with
+    a non-UTF-8 byte made the handler fail and aborted the whole file.
     """
 
     def __init__(self, fmt: SourceFormat) -> None:
         self.fmt = fmt
-        self._n_skipped = 0
-        self._read_options = pv.ReadOptions(
-            column_names=list(fmt.file_columns), block_size=_ARROW_BLOCK_BYTES, use_threads=True
-        )
+        self._read_options = self._options_for_block(_ARROW_BLOCK_BYTES)
         self._parse_options = pv.ParseOptions(
             delimiter=fmt.delimiter,
             quote_char=False,
             escape_char=False,
             newlines_in_values=False,
             ignore_empty_lines=True,
-            invalid_row_handler=self._on_invalid_row,
         )
         common = {
             "include_columns": list(fmt.value_columns),
@@ -387,36 +461,39 @@ class _ArrowParser:
         self._typed = pv.ConvertOptions(column_types=typed, **common)
         self._strings = pv.ConvertOptions(column_types={c: pa.string() for c in fmt.value_columns}, **common)
 
-    def _on_invalid_row(self, row: pv.InvalidRow) -> str:
-        # Called from Arrow's parse threads; we only need to know that the chunk needs the slow path.
-        self._n_skipped += 1
-        return "skip"
+    def _options_for_block(self, block_size: int) -> pv.ReadOptions:
+        return pv.ReadOptions(
+            column_names=list(self.fmt.file_columns), block_size=block_size, use_threads=True
+        )
 
-    def parse(self, data: bytes) -> tuple[pa.Table, int]:
-        """(table, number of rows Arrow skipped for a wrong field count)."""
+    def parse(self, data: bytes, longest_line: int = 0) -> pa.Table:
+        """One row per non-blank line of data; raises pa.ArrowInvalid for a line with the wrong field count
+        or one longer than the block size. Give ``longest_line`` (bytes) when it may exceed the default
+        block: Arrow cannot parse a row that straddles two blocks, so the block is made to fit it."""
         if not data:
-            return _empty_string_table(self.fmt.value_columns), 0
+            return _empty_string_table(self.fmt.value_columns)
+        read_options = self._read_options
+        if longest_line + 2 > _ARROW_BLOCK_BYTES:  # + 2: the line's CRLF
+            read_options = self._options_for_block(2 * (longest_line + 2))
         # Arrow's integer parser is laxer than our rule: it takes "0x1f" and trims spaces; and the hex
         # decoder reads a null id's zero bytes as 0, so a real NUL must not reach it. Real Criteo data has
         # no 'x', space or NUL anywhere, so a chunk that does goes the string way.
         if not any(ch in data for ch in (b"x", b"X", b" ", b"\0")):
             try:
-                return self._read(data, self._typed)
+                return self._read(data, read_options, self._typed)
             except pa.ArrowInvalid:
-                pass  # some value did not convert; validate as strings to find out which
-        return self._read(data, self._strings)
+                pass  # some value did not convert (or a line is malformed); try as strings to find out
+        return self._read(data, read_options, self._strings)
 
-    def _read(self, data: bytes, convert: pv.ConvertOptions) -> tuple[pa.Table, int]:
-        self._n_skipped = 0
-        table = pv.read_csv(
+    def _read(self, data: bytes, read_options: pv.ReadOptions, convert: pv.ConvertOptions) -> pa.Table:
+        # Columns come in one chunk per parsed block; they stay chunked (concatenating would copy the whole
+        # chunk once more) and are converted chunk by chunk.
+        return pv.read_csv(
             pa.py_buffer(data),
-            read_options=self._read_options,
+            read_options=read_options,
             parse_options=self._parse_options,
             convert_options=convert,
         )
-        # Columns come in one chunk per parsed block; they stay chunked (concatenating would copy the whole
-        # chunk once more) and are converted chunk by chunk.
-        return table, self._n_skipped
 
 
 def _empty_string_table(columns: tuple[str, ...]) -> pa.Table:
@@ -428,11 +505,16 @@ def _parse_chunk(parser: _ArrowParser, data: bytes, first_line: int) -> ParsedCh
     # numpy counts bytes about twice as fast as bytes.count.
     lines_in = int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A))
     lines_in += 0 if data.endswith(b"\n") else 1
-    table, skipped = parser.parse(data)
     # Fast path. Arrow treats a lone CR as a line break, so a chunk whose CRs are not all part of CRLFs
     # takes the slow path too (where such lines are rejected), keeping Arrow's rows and our lines aligned.
+    # Arrow skips blank lines (fewer rows than lines) and raises for a wrong field count or a line longer
+    # than its block: all of those take the slow path as well, so no line can abort the file.
     crs_ok = b"\r" not in data or data.count(b"\r") == data.count(b"\r\n")
-    if skipped == 0 and table.num_rows == lines_in and crs_ok:
+    try:
+        table = parser.parse(data)
+    except pa.ArrowInvalid:
+        table = None
+    if table is not None and table.num_rows == lines_in and crs_ok:
         return ParsedChunk(fmt.name, data, first_line, lines_in, table, None, [])
 
     # Slow path: classify every line with numpy, reject the malformed ones, re-parse the rest.
@@ -462,11 +544,19 @@ def _parse_chunk(parser: _ArrowParser, data: bytes, first_line: int) -> ParsedCh
 
     good_idx = np.flatnonzero(good)
     clean = b"\n".join(data[starts[i] : ends[i]] for i in good_idx)
-    table, skipped = parser.parse(clean)
-    if skipped or table.num_rows != len(good_idx):  # our line classification and Arrow's must agree
+    # A well-shaped line may still be long (a huge value, rejected later with its line number): size
+    # Arrow's block to the longest good line so that it parses.
+    longest = int((ends - starts)[good_idx].max()) if len(good_idx) else 0
+    try:
+        table = parser.parse(clean, longest_line=longest)
+    except pa.ArrowInvalid as e:  # our line classification and Arrow's must agree
+        raise RuntimeError(
+            f"{fmt.name}: internal error re-parsing lines {first_line}..{first_line + lines_in - 1}: {e}"
+        ) from e
+    if table.num_rows != len(good_idx):
         raise RuntimeError(
             f"{fmt.name}: internal error re-parsing lines {first_line}..{first_line + lines_in - 1}: "
-            f"{table.num_rows} rows for {len(good_idx)} good lines ({skipped} skipped)"
+            f"{table.num_rows} rows for {len(good_idx)} good lines"
         )
     return ParsedChunk(fmt.name, data, first_line, lines_in, table, good_idx, rejects)
 
@@ -493,6 +583,8 @@ class SourceReader:
         self._hashing = hashing
         try:
             line = 1
+            if fmt.bom and not fmt.header_lines:  # a CSV's BOM goes with the header line, which is skipped
+                _skip_exactly(stream, len(_UTF8_BOM))
             if fmt.header_lines:
                 stream_buf = io.BufferedReader(stream) if stream is hashing else stream
                 header = stream_buf.readline()  # type: ignore[union-attr]
@@ -500,8 +592,11 @@ class SourceReader:
                     raise IngestError(f"{fmt.name}: CSV header but no rows")
                 stream = stream_buf  # type: ignore[assignment]
                 line += fmt.header_lines
-            for data in _line_chunks(stream, self.chunk_bytes, fmt.name):
-                parsed = _parse_chunk(parser, data, line)
+            for data in _line_chunks(stream, self.chunk_bytes):
+                if isinstance(data, _OverlongLine):
+                    parsed = _overlong_chunk(fmt, data, line)
+                else:
+                    parsed = _parse_chunk(parser, data, line)
                 line += parsed.lines_in
                 yield parsed
             # Hash the whole file even if the gzip stream ended before the file did (e.g. zero padding).
@@ -517,24 +612,73 @@ class SourceReader:
             hashing.close()
 
 
-def _line_chunks(stream: io.RawIOBase | io.BufferedIOBase, chunk_bytes: int, name: str) -> Iterator[bytes]:
-    """Byte chunks of about chunk_bytes that end just after a newline (the last one may not)."""
-    carry = b""
+def _skip_exactly(stream: io.RawIOBase | io.BufferedIOBase, n: int) -> None:
+    while n > 0:
+        got = stream.read(n)
+        if not got:
+            return
+        n -= len(got)
+
+
+@dataclass(frozen=True)
+class _OverlongLine:
+    """Stands in the stream for a line longer than _MAX_LINE_BYTES (dropped while it was read)."""
+
+    head: bytes  # its first bytes, for the reject record
+    length: int  # its length in bytes, without the LF
+
+
+def _line_chunks(
+    stream: io.RawIOBase | io.BufferedIOBase, chunk_bytes: int
+) -> Iterator[bytes | _OverlongLine]:
+    """Byte chunks of about chunk_bytes that end just after a newline (the last one may not). A line that
+    grows past _MAX_LINE_BYTES before its newline is dropped as it is read (memory stays bounded) and an
+    _OverlongLine takes its place, so it becomes a reject with its line number like any other bad line."""
+    pending: list[bytes] = []  # the start of a line no newline has ended yet
+    pending_bytes = 0
+    overlong: _OverlongLine | None = None  # inside a dropped line: its head and length so far
     while True:
         data = stream.read(chunk_bytes)
         if not data:
-            if carry:
-                yield carry
+            if overlong is not None:
+                yield overlong
+            elif pending:
+                yield b"".join(pending)
             return
-        buf = carry + data if carry else data
-        cut = buf.rfind(b"\n")
+        if overlong is not None:
+            cut = data.find(b"\n")
+            if cut < 0:
+                overlong = _OverlongLine(overlong.head, overlong.length + len(data))
+                continue
+            yield _OverlongLine(overlong.head, overlong.length + cut)
+            overlong = None
+            data = data[cut + 1 :]
+            if not data:
+                continue
+        cut = data.rfind(b"\n")
         if cut < 0:
-            if len(buf) > _MAX_LINE_BYTES:
-                raise IngestError(f"{name}: a line longer than {_MAX_LINE_BYTES} bytes; not Criteo data")
-            carry = buf
+            pending.append(data)
+            pending_bytes += len(data)
+            if pending_bytes > _MAX_LINE_BYTES:
+                head = b"".join(pending)[: MAX_RAW_CHARS * 4]
+                overlong = _OverlongLine(head, pending_bytes)
+                pending, pending_bytes = [], 0
             continue
-        yield buf[: cut + 1]
-        carry = buf[cut + 1 :]
+        if pending:
+            yield b"".join([*pending, data[: cut + 1]])
+            pending, pending_bytes = [], 0
+        else:
+            yield data[: cut + 1]
+        rest = data[cut + 1 :]
+        if rest:
+            pending, pending_bytes = [rest], len(rest)
+
+
+def _overlong_chunk(fmt: SourceFormat, line: _OverlongLine, line_number: int) -> ParsedChunk:
+    reason = f"line of {line.length} bytes, longer than the limit of {_MAX_LINE_BYTES} bytes: not Criteo data"
+    reject = Reject(fmt.name, line_number, "line_length", reason, _raw_text(line.head))
+    table = _empty_string_table(fmt.value_columns)
+    return ParsedChunk(fmt.name, b"", line_number, 1, table, np.zeros(0, dtype=np.int64), [reject])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -715,7 +859,9 @@ def convert_chunk(parsed: ParsedChunk, labelled: bool) -> TypedChunk:
             bad_rows |= mask
         for row in np.flatnonzero(bad_rows):
             column = next(c for c, mask in bad_cells.items() if mask[row])
-            kind = "label" if column == LABEL_COLUMN else "dense" if column in DENSE_COLUMNS else "categorical"
+            kind = (
+                "label" if column == LABEL_COLUMN else "dense" if column in DENSE_COLUMNS else "categorical"
+            )
             reason = _reason(column, _cell_text(table.column(column), int(row)))
             line = parsed.line_number(int(row))
             rejects.append(Reject(parsed.source, line, kind, reason, parsed.raw_line(int(row))))
