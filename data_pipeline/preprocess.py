@@ -7,6 +7,8 @@
     out_dir/manifest.json            sources (sha256, rows in/ok/rejected), files (rows, sha256), null counts,
                                      positives, split info; no timestamps, so a re-run is byte-identical
     out_dir/rejects.jsonl            one JSON object per rejected line: source, line, reason, kind, raw
+    out_dir/.recsys-codistill-dataset  the ownership marker (JSON, created_by): proof that ingest made the
+                                     directory; named in the manifest ("marker"), not a data file
 
 With ``valid_fraction > 0`` the part files go to ``out_dir/train/`` and ``out_dir/valid/`` instead, each
 with its own manifest.json; the top-level manifest.json and rejects.jsonl stay at the top.
@@ -17,10 +19,20 @@ see data_pipeline.sources), and a writer thread (Parquet encoding and compressio
 to a hidden temporary directory next to ``out_dir`` and renamed into place at the end, so a failed or
 killed ingest leaves no partial ``out_dir``.
 
+What ingest deletes (DESIGN.md, trust model): only what it created and can prove it created.
+``overwrite`` replaces an existing ``out_dir`` only if it carries the marker (or, for data sets written
+before the marker, a manifest.json naming ingest as its writer) and holds nothing but ingest's own files;
+never if it is or contains an input, the working directory, the home directory, or is a filesystem root.
+A killed ingest's temp dir (``.<name>.tmp-<pid>-<hex>``, marker written first thing) is removed by the
+next ingest into the same ``out_dir`` once that pid is gone; nothing else is.
+
 Choices worth knowing:
 
 - Blank lines are rejected (reason "blank line") rather than skipped, so every physical line is accounted
   for: per source, rows_in == rows_ok + rows_rejected, checked and written to the manifest.
+- An input with more than ``max_reject_fraction`` (default 0.5) of its lines rejected fails the ingest:
+  that many rejects means a wrong format, not a few damaged lines.
+- The same file given twice (same path, a link to it, or a byte-identical copy) is an IngestError.
 - An empty input file (or one that decompresses to nothing, or a CSV with only its header) is an
   IngestError rather than an empty dataset: it is almost always a failed download or a wrong path. So is an
   ingest in which no line at all is accepted.
@@ -38,8 +50,10 @@ import hashlib
 import json
 import os
 import queue
+import re
 import secrets
 import shutil
+import socket
 import threading
 import warnings
 from collections import Counter, deque
@@ -87,6 +101,17 @@ DICTIONARY_COLUMNS = [LABEL_COLUMN, *DENSE_COLUMNS]
 # the per-column null counts are in the manifest. Saves ~10% of the encoding time.
 STATISTICS_COLUMNS = [ROW_ID_COLUMN, LABEL_COLUMN]
 MANIFEST_NAME = "manifest.json"
+# Written into every directory ingest creates (first thing, also into its temp dir): the proof that
+# ingest --overwrite, and the clean-up of a killed ingest's temp dir, need before they delete anything.
+# manifest.json stays the data contract (readers list files from it); the manifest names the marker.
+MARKER_NAME = ".recsys-codistill-dataset"
+_CREATED_BY_PREFIX = "recsys-codistill "
+_CREATED_BY_MODULE = "data_pipeline.preprocess"
+# ingest fails (publishing nothing) when more than this share of one input's lines is rejected. Real Criteo
+# files reject ~0 lines; a wrong format or a mis-detected labelling rejects ~all of them. Half sits far
+# from both, so a data set with a damaged stretch still goes through (its rejects logged) while a file
+# that is mostly not what we think it is stops the ingest instead of "succeeding" with exit code 0.
+DEFAULT_MAX_REJECT_FRACTION = 0.5
 REJECTS_NAME = "rejects.jsonl"
 PART_PATTERN = "part-{:05d}.parquet"
 SPLIT_DIRS = ("train", "valid")
@@ -108,7 +133,7 @@ def _created_by() -> str:
         ours = version("recsys-codistill")
     except Exception:  # not installed (e.g. run from a source checkout without `pip install -e .`)
         ours = "unknown"
-    return f"recsys-codistill {ours} data_pipeline.preprocess; pyarrow {pa.__version__}"
+    return f"{_CREATED_BY_PREFIX}{ours} {_CREATED_BY_MODULE}; pyarrow {pa.__version__}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -187,7 +212,9 @@ class _ShardWriter:
     may be short), in row groups of exactly row_group_size rows (the last of a file may be short), whatever
     the sizes of the tables it is given. Only one file is open at a time."""
 
-    def __init__(self, directory: Path, rows_per_file: int, row_group_size: int, first_index: int = 0) -> None:
+    def __init__(
+        self, directory: Path, rows_per_file: int, row_group_size: int, first_index: int = 0
+    ) -> None:
         self.directory = directory
         self.rows_per_file = rows_per_file
         self.row_group_size = row_group_size
@@ -347,7 +374,13 @@ class _Sink:
     split: everything goes to train first and is re-split by _finish_time_split)."""
 
     def __init__(
-        self, root: Path, valid_fraction: float, split: str, seed: int, rows_per_file: int, row_group_size: int
+        self,
+        root: Path,
+        valid_fraction: float,
+        split: str,
+        seed: int,
+        rows_per_file: int,
+        row_group_size: int,
     ) -> None:
         self.root = root
         self.valid_fraction = valid_fraction
@@ -358,7 +391,9 @@ class _Sink:
         if self.split is None:
             self.writers = {"": _ShardWriter(root, rows_per_file, row_group_size)}
         else:
-            self.writers = {name: _ShardWriter(root / name, rows_per_file, row_group_size) for name in SPLIT_DIRS}
+            self.writers = {
+                name: _ShardWriter(root / name, rows_per_file, row_group_size) for name in SPLIT_DIRS
+            }
 
     def write(self, table: pa.Table) -> None:
         """Runs on the writer thread."""
@@ -390,7 +425,9 @@ class _Sink:
             target = scratch / f.path.name
             os.replace(f.path, target)
             moved.append(target)
-        train = _ShardWriter(self.root / "train", self.rows_per_file, self.row_group_size, first_index=len(keep))
+        train = _ShardWriter(
+            self.root / "train", self.rows_per_file, self.row_group_size, first_index=len(keep)
+        )
         valid = _ShardWriter(self.root / "valid", self.rows_per_file, self.row_group_size)
         for path in moved:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=self.row_group_size):
@@ -438,6 +475,7 @@ class _SourceCount:
     rows_rejected: int = 0
     first_row_id: int = 0
     rejects_by_kind: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, Any] = field(default_factory=dict)  # kind -> its first Reject (for error messages)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -468,14 +506,20 @@ def ingest(
     rows_per_file: int = 1_000_000,
     row_group_size: int = 8192,
     overwrite: bool = False,
+    max_reject_fraction: float = DEFAULT_MAX_REJECT_FRACTION,
     progress: bool = True,
 ) -> dict:
     """Ingest Criteo TSV/CSV inputs (plain or gzip, concatenated in the given order) into Parquet shards
     under ``out_dir``; returns the manifest (also written to ``out_dir/manifest.json``).
 
     Raises IngestError for unusable input (missing, unreadable, empty, truncated gzip, labelled and
-    unlabelled inputs mixed, nothing accepted) or an existing ``out_dir`` without ``overwrite``; on any
-    error no ``out_dir`` is created or changed. Bad lines do not raise: they go to rejects.jsonl.
+    unlabelled inputs mixed, the same file given twice, nothing accepted, more than
+    ``max_reject_fraction`` of one input's lines rejected), an unwritable output (the message names the path
+    and the OS's reason), or an existing ``out_dir`` without ``overwrite``; on any error no ``out_dir`` is
+    created or changed. Bad lines do not raise: they go to rejects.jsonl.
+
+    ``overwrite`` replaces only a directory this project can prove it made (see _check_out_dir): never one
+    that holds an input, the working directory, the home directory, a filesystem root, or anything else.
     """
     if isinstance(inputs, (str, Path)):  # a lone path is a Sequence of characters; take it as one input
         inputs = [inputs]
@@ -487,40 +531,274 @@ def ingest(
         raise ValueError(f"split must be 'time' or 'hash', got {split!r}")
     if rows_per_file < 1 or row_group_size < 1:
         raise ValueError("rows_per_file and row_group_size must be positive")
+    if not 0.0 <= max_reject_fraction <= 1.0:  # also refuses nan
+        raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_reject_fraction}")
 
     out = Path(out_dir)
-    _check_out_dir(out, overwrite)
+    # Absolute but with symlinks kept: the temp dir goes next to out_dir as the caller named it, and "."
+    # or "a/.." get a real name (Path(".").name is "").
+    out_abs = Path(os.path.abspath(out))
+    _check_out_dir(out, overwrite, inputs)
     formats = [detect_format(p) for p in inputs]  # all inputs checked before any work
+    _check_distinct(formats)
     labelled = _common_labelling(formats)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
     try:
-        manifest = _ingest_into(
-            tmp,
-            formats,
-            labelled,
-            valid_fraction=valid_fraction,
-            split=split,
-            seed=seed,
-            rows_per_file=rows_per_file,
-            row_group_size=row_group_size,
-            progress=progress,
-        )
-        _publish(tmp, out, overwrite)
+        out_abs.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out_abs)
+        tmp = out_abs.parent / f".{out_abs.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+    except OSError as e:
+        raise _os_error(out, "cannot create the output directory", e) from e
+    try:
+        try:
+            # The marker goes in first, so that a killed ingest leaves a temp dir the next one can prove
+            # is ours (and remove).
+            _write_marker(tmp, temporary=True)
+            manifest = _ingest_into(
+                tmp,
+                formats,
+                labelled,
+                valid_fraction=valid_fraction,
+                split=split,
+                seed=seed,
+                rows_per_file=rows_per_file,
+                row_group_size=row_group_size,
+                max_reject_fraction=max_reject_fraction,
+                progress=progress,
+            )
+            _write_marker(tmp, temporary=False)  # no pid or host: a re-run stays byte-identical
+            _publish(tmp, out, overwrite, inputs)
+        except OSError as e:  # input read errors are IngestErrors already: this is the output side
+            raise _os_error(out, "cannot write the dataset", e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise IngestError(f"{out}: already exists (pass overwrite=True to replace it)")
-        if not out.is_dir():
-            raise IngestError(f"{out}: exists and is not a directory; refusing to replace it")
+def _os_error(out: Path, what: str, err: OSError) -> IngestError:
+    """An IngestError naming out_dir, the path the OS complained about, and its reason (disk full,
+    read-only file system, permission denied), instead of a traceback."""
+    reason = err.strerror or str(err)
+    where = f" ({err.filename}: {reason})" if err.filename else f": {reason}"
+    return IngestError(f"{out}: {what}{where}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# What ingest may replace or remove
+# --------------------------------------------------------------------------------------------------------
+
+
+def _marker_content(temporary: bool) -> dict[str, Any]:
+    content: dict[str, Any] = {
+        "created_by": _created_by(),
+        "what": "a data set written by recsys-codistill ingest; ingest --overwrite may replace this directory",
+    }
+    if temporary:  # lets a later ingest tell a dead ingest's leftovers from a live one's
+        content.update(what="ingest's temporary directory", pid=os.getpid(), host=socket.gethostname())
+    return content
+
+
+def _write_marker(directory: Path, *, temporary: bool) -> None:
+    _write_json(directory / MARKER_NAME, _marker_content(temporary))
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in a regular file (not a symlink), or None if there is none or it is not one."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _made_by_ingest(info: dict[str, Any] | None) -> bool:
+    """Whether a marker or manifest names ingest as its writer: the project's name is not enough, since
+    other parts of it (checkpoints, teacher versions) write manifests of their own."""
+    created_by = info.get("created_by") if info else None
+    return (
+        isinstance(created_by, str)
+        and created_by.startswith(_CREATED_BY_PREFIX)
+        and _CREATED_BY_MODULE in created_by
+    )
+
+
+def _is_relative_to(path: Path, other: Path) -> bool:
+    return path == other or other in path.parents
+
+
+def _why_protected(out: Path, inputs: Sequence[str | Path]) -> str | None:
+    """Why an existing out_dir must never be replaced whatever it holds, or None. Checked on the path as
+    given (made absolute) and with symlinks resolved, so neither a symlink nor '..' gets around it."""
+    given = Path(os.path.abspath(out))
+    real = out.resolve()
+    if real.parent == real or given.parent == given:
+        return "it is a filesystem root"
+    protected: list[tuple[Path, str]] = [(Path.cwd(), "the current working directory")]
+    try:
+        protected.append((Path.home(), "your home directory"))
+    except RuntimeError:  # no HOME and no passwd entry
+        pass
+    for path, what in protected:
+        for candidate in {path, path.resolve()}:
+            if _is_relative_to(candidate, real) or _is_relative_to(candidate, given):
+                return f"it is (or contains) {what}"
+    for name in inputs:
+        for candidate in {Path(os.path.abspath(name)), Path(name).resolve()}:
+            if _is_relative_to(candidate, real) or _is_relative_to(candidate, given):
+                return f"it is or contains the input file {name}"
+    return None
+
+
+def _foreign_entries(directory: Path, manifest: dict[str, Any] | None, limit: int = 5) -> list[str]:
+    """Up to `limit` entries of directory (relative paths) that an ingest does not write."""
+    known_dirs = set(SPLIT_DIRS) if manifest and manifest.get("split") else set()
+    known = {MANIFEST_NAME, REJECTS_NAME, MARKER_NAME, *(f"{d}/{MANIFEST_NAME}" for d in known_dirs)}
+    files = manifest.get("files") if manifest else None
+    for entry in files if isinstance(files, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            known.add(entry["path"])
+    foreign: list[str] = []
+    for root, dirs, names in os.walk(directory):  # does not follow symlinked directories
+        rel_root = Path(root).relative_to(directory)
+        for name in sorted(dirs):
+            rel = (rel_root / name).as_posix()
+            if rel not in known_dirs or (Path(root) / name).is_symlink():
+                foreign.append(rel + "/")
+                dirs.remove(name)  # no need to look inside
+        for name in sorted(names):
+            rel = (rel_root / name).as_posix()
+            if rel not in known:
+                foreign.append(rel)
+        if len(foreign) >= limit:
+            break
+    return foreign[:limit]
+
+
+def _why_not_ours(out: Path) -> str | None:
+    """None if out_dir is a data set this project made and holds nothing else; else why not. Proof is our
+    marker, or (for data sets written before the marker existed) a manifest.json naming us as its maker."""
+    manifest = _read_json_object(out / MANIFEST_NAME)
+    marker = _read_json_object(out / MARKER_NAME)
+    if marker is not None:
+        if not _made_by_ingest(marker):
+            return f"its {MARKER_NAME} was not written by recsys-codistill"
+    elif not _made_by_ingest(manifest):
+        return (
+            f"it has no {MARKER_NAME} marker and no {MANIFEST_NAME} written by recsys-codistill ingest, so it "
+            "is not a data set this project made"
+        )
+    foreign = _foreign_entries(out, manifest)
+    if foreign:
+        return "it holds files ingest did not write: " + ", ".join(foreign)
+    return None
+
+
+def _check_out_dir(out: Path, overwrite: bool, inputs: Sequence[str | Path]) -> None:
+    """Refuse an existing out_dir unless overwrite and this project made it; never one that is protected
+    (see _why_protected). The rule: only delete what we created and can prove we created."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    why = _why_protected(out, inputs)
+    if why:
+        raise IngestError(
+            f"{out}: refusing to write the data set there: {why}; choose another output directory"
+        )
+    if not overwrite:
+        raise IngestError(
+            f"{out}: already exists (pass overwrite=True to replace it)",
+            cli_message=f"{out}: already exists (pass --overwrite to replace it)",
+        )
+    if out.is_symlink():
+        raise IngestError(f"{out}: is a symbolic link; refusing to replace it (name the directory itself)")
+    if not out.is_dir():
+        raise IngestError(f"{out}: exists and is not a directory; refusing to replace it")
+    why = _why_not_ours(out)
+    if why:
+        raise IngestError(
+            f"{out}: refusing to replace it with overwrite=True: {why}. Remove it yourself or choose another "
+            "output directory",
+            cli_message=f"{out}: refusing to replace it with --overwrite: {why}. Remove it yourself or choose "
+            "another output directory",
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we could have written: treat as alive, i.e. leave the directory alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Remove the temp (and moved-aside old) dirs of killed ingests into the same out_dir: only entries
+    named exactly as ingest names them, that are real directories, whose marker is ours and names the pid
+    in the name and this host, and whose pid is not running. Anything else is left alone."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-([0-9]+)-[0-9a-f]{{8}}")
+    host = socket.gethostname()
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = int(match.group(1))
+        marker = _read_json_object(entry / MARKER_NAME)
+        if (
+            not _made_by_ingest(marker)
+            or marker is None
+            or marker.get("pid") != pid
+            or marker.get("host") != host
+        ):
+            continue
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            shutil.rmtree(entry)
+        except OSError as e:
+            warnings.warn(
+                f"{entry}: could not remove a killed ingest's temporary directory: {e}", stacklevel=3
+            )
+
+
+def _check_distinct(formats: list[SourceFormat]) -> None:
+    """The same file twice (same path, a link to it, or a copy) would put every row in twice."""
+    for i, a in enumerate(formats):
+        for b in formats[:i]:
+            if os.path.abspath(a.path) == os.path.abspath(b.path):
+                raise IngestError(f"input {a.name} is given twice; each of its rows would be ingested twice")
+            if os.path.samefile(a.path, b.path):
+                raise IngestError(
+                    f"inputs {b.name} and {a.name} are the same file; each of its rows would be ingested twice"
+                )
+    # Copies: only files of equal size can be equal, so only those are hashed up front (usually none).
+    by_size: dict[int, list[SourceFormat]] = {}
+    for f in formats:
+        by_size.setdefault(f.size, []).append(f)
+    for group in by_size.values():
+        if len(group) > 1:
+            _check_distinct_content({f.name: _sha256_file(f.path) for f in group})
+
+
+def _check_distinct_content(digests: dict[str, str]) -> None:
+    seen: dict[str, str] = {}
+    for name, digest in digests.items():
+        if digest in seen:
+            raise IngestError(
+                f"inputs {seen[digest]} and {name} have the same content (sha256 {digest[:16]}...); each row "
+                "would be ingested twice"
+            )
+        seen[digest] = name
 
 
 def _common_labelling(formats: list[SourceFormat]) -> bool:
@@ -534,17 +812,26 @@ def _common_labelling(formats: list[SourceFormat]) -> bool:
     return bool(labelled)
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+def _publish(tmp: Path, out: Path, overwrite: bool, inputs: Sequence[str | Path]) -> None:
     """Rename the finished temp dir into place. With overwrite, the old dir is moved aside first and
     deleted after, so out_dir is never a mix of old and new files."""
-    _check_out_dir(out, overwrite)  # again: something may have appeared while we worked
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        os.replace(out, old)
-        os.replace(tmp, out)
+    _check_out_dir(out, overwrite, inputs)  # again: something may have appeared while we worked
+    target = Path(os.path.abspath(out))
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            os.replace(old, target)  # put the old data set back rather than leave none
+            raise
+        try:  # so that a kill during the rmtree leaves a dir the next ingest can prove is ours
+            _write_marker(old, temporary=True)
+        except OSError:
+            pass
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out)
+        os.replace(tmp, target)
 
 
 def _ingest_into(
@@ -557,6 +844,7 @@ def _ingest_into(
     seed: int,
     rows_per_file: int,
     row_group_size: int,
+    max_reject_fraction: float,
     progress: bool,
 ) -> dict[str, Any]:
     sink = _Sink(root, valid_fraction, split, seed, rows_per_file, row_group_size)
@@ -565,7 +853,9 @@ def _ingest_into(
     next_row_id = 0
     total_bytes = sum(f.size for f in formats)
     # disable=None: tqdm shows the bar only when stderr is a terminal (no noise in logs and tests).
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="ingest", disable=None if progress else True)
+    bar = tqdm(
+        total=total_bytes, unit="B", unit_scale=True, desc="ingest", disable=None if progress else True
+    )
     try:
         with open(root / REJECTS_NAME, "w", encoding="utf-8", newline="\n") as rejects_out:
             for fmt in formats:
@@ -593,6 +883,10 @@ def _ingest_into(
                         f"{fmt.name}: line accounting broken: {count.rows_in} lines in, {count.rows_ok} "
                         f"accepted + {count.rows_rejected} rejected (this is a bug)"
                     )
+                # A copy of an earlier input that the up-front check could not see (e.g. a different
+                # size on disk because it changed since): refuse before its rows are published twice.
+                _check_distinct_content({c.fmt.name: c.sha256 for c in [*counts, count]})
+                _check_reject_fraction(count, max_reject_fraction)
                 counts.append(count)
         writer.drain()
         if next_row_id == 0:
@@ -603,13 +897,38 @@ def _ingest_into(
     finally:
         writer.shutdown()
         bar.close()
-    return _write_manifests(root, counts, files, labelled, valid_fraction, split, seed, rows_per_file, row_group_size)
+    return _write_manifests(
+        root, counts, files, labelled, valid_fraction, split, seed, rows_per_file, row_group_size
+    )
+
+
+def _check_reject_fraction(count: _SourceCount, max_fraction: float) -> None:
+    """Stop, naming the file and the commonest reasons, when most of an input is rejected: that input is
+    almost surely not what it was taken for, and an exit code 0 would hide it."""
+    if count.rows_in == 0 or count.rows_rejected / count.rows_in <= max_fraction:
+        return
+    common = count.rejects_by_kind.most_common(2)
+    examples = "; ".join(
+        f"{kind} x{n}, e.g. line {count.examples[kind].line}: {count.examples[kind].reason}"
+        for kind, n in common
+    )
+    what = "no valid rows: " if count.rows_ok == 0 else ""
+    head = (
+        f"{count.fmt.name}: {what}{count.rows_rejected} of {count.rows_in} lines rejected "
+        f"({count.rows_rejected / count.rows_in:.1%})"
+    )
+    tail = f"; nothing was written. Rejected: {examples}"
+    raise IngestError(
+        f"{head}, more than max_reject_fraction={max_fraction} allows{tail}",
+        cli_message=f"{head}, more than --max-reject-fraction {max_fraction} allows{tail}",
+    )
 
 
 def _log_rejects(out: TextIO, rejects: list[Any], count: _SourceCount) -> None:
     for reject in rejects:
         out.write(reject.to_json() + "\n")
         count.rejects_by_kind[reject.kind] += 1
+        count.examples.setdefault(reject.kind, reject)
     count.rows_rejected += len(rejects)
 
 
@@ -685,7 +1004,13 @@ def _write_manifests(
         **_summary(all_files, labelled),
         "files": [f.describe(root) for f in all_files],
         "split": split_info,
-        "rejects": {"path": REJECTS_NAME, "rows": rows_rejected, "by_kind": dict(sorted(rejects_by_kind.items()))},
+        "rejects": {
+            "path": REJECTS_NAME,
+            "rows": rows_rejected,
+            "by_kind": dict(sorted(rejects_by_kind.items())),
+        },
+        # Not data: the proof that ingest made this directory (a file-set check must allow it).
+        "marker": MARKER_NAME,
     }
     _write_json(root / MANIFEST_NAME, manifest)
     return manifest
@@ -726,33 +1051,72 @@ def _dataset_is_labelled(directory: Path, files: list[Path]) -> bool:
     return False
 
 
-def export_tsv(parquet_dir: str | Path, out_path: str | Path) -> int:
+def export_tsv(parquet_dir: str | Path, out_path: str | Path, *, overwrite: bool = False) -> int:
     """Write the ``part-*.parquet`` files of ``parquet_dir`` (in name order) back as Criteo TSV:
     ``label \\t I1..I13 \\t C1..C26`` (no label for unlabelled data), empty fields for nulls, categoricals
     as 8 lower-case hex digits, LF line endings; gzip if out_path ends with ``.gz``. Returns the row count.
 
     For the usual Criteo files this reproduces the ingested input byte for byte (after decompression).
+    The file is written next to out_path under a temporary name and renamed into place at the end, so a
+    failed or killed export never leaves a partial out_path; an existing out_path is refused unless
+    ``overwrite``. Write errors (disk full, read-only) are IngestErrors naming the path and the reason.
     """
     directory = Path(parquet_dir)
     files = sorted(directory.glob("part-*.parquet"))
     if not files:
-        hint = " (a split dataset: export train/ and valid/ separately)" if (directory / "train").is_dir() else ""
+        hint = (
+            " (a split dataset: export train/ and valid/ separately)"
+            if (directory / "train").is_dir()
+            else ""
+        )
         raise IngestError(f"{directory}: no part-*.parquet files to export{hint}")
+    path = Path(out_path)
+    _check_export_target(path, directory, overwrite)
     labelled = _dataset_is_labelled(directory, files)
     value_columns = [*((LABEL_COLUMN,) if labelled else ()), *DENSE_COLUMNS, *SPARSE_COLUMNS]
     out_schema = pa.schema(
         [pa.field(c, pa.string() if c in SPARSE_COLUMNS else _SCHEMA.field(c).type) for c in value_columns]
     )
     options = pv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    path = Path(out_path)
-    sink: pa.NativeFile = (
-        pa.CompressedOutputStream(str(path), "gzip") if path.name.endswith(".gz") else pa.OSFile(str(path), "wb")
-    )
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     rows = 0
-    with sink, pv.CSVWriter(sink, out_schema, write_options=options) as writer:
-        for file in files:
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=65536, columns=value_columns):
-                arrays = [_hex8(batch.column(c)) if c in SPARSE_COLUMNS else batch.column(c) for c in value_columns]
-                writer.write_table(pa.Table.from_arrays(arrays, schema=out_schema))
-                rows += batch.num_rows
+    try:
+        sink: pa.NativeFile = (
+            pa.CompressedOutputStream(str(tmp), "gzip")
+            if path.name.endswith(".gz")
+            else pa.OSFile(str(tmp), "wb")
+        )
+        with sink, pv.CSVWriter(sink, out_schema, write_options=options) as writer:
+            for file in files:
+                for batch in pq.ParquetFile(file).iter_batches(batch_size=65536, columns=value_columns):
+                    arrays = [
+                        _hex8(batch.column(c)) if c in SPARSE_COLUMNS else batch.column(c)
+                        for c in value_columns
+                    ]
+                    writer.write_table(pa.Table.from_arrays(arrays, schema=out_schema))
+                    rows += batch.num_rows
+        _check_export_target(path, directory, overwrite)  # again: it may have appeared meanwhile
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror or str(e)
+        raise IngestError(f"{path}: cannot write the export: {reason}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # ours: we just created it under a name no one else uses
+        raise
     return rows
+
+
+def _check_export_target(path: Path, directory: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise IngestError(f"{path}: is a directory; expected the path of the .tsv (or .tsv.gz) file to write")
+    if not path.parent.is_dir():
+        raise IngestError(f"{path}: cannot write the export: no such directory {path.parent}")
+    # A file inside the data set would change a directory whose manifest describes it.
+    if _is_relative_to(path.parent.resolve(), directory.resolve()):
+        raise IngestError(f"{path}: is inside the data set {directory} being exported; write it elsewhere")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise IngestError(
+            f"{path}: already exists (pass overwrite=True to replace it)",
+            cli_message=f"{path}: already exists (pass --overwrite to replace it)",
+        )

@@ -17,31 +17,56 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(a: argparse.Namespace) -> int:
-    from data_pipeline.preprocess import ingest
+    from pathlib import Path
 
-    manifest = ingest(
-        a.inputs,
-        a.out,
-        valid_fraction=a.valid_fraction,
-        split=a.split,
-        seed=a.seed,
-        rows_per_file=a.rows_per_file,
-        row_group_size=a.row_group_size,
-        overwrite=a.overwrite,
-        progress=True,
-    )
+    from data_pipeline.preprocess import REJECTS_NAME, ingest
+    from data_pipeline.sources import IngestError
+
+    try:
+        manifest = ingest(
+            a.inputs,
+            a.out,
+            valid_fraction=a.valid_fraction,
+            split=a.split,
+            seed=a.seed,
+            rows_per_file=a.rows_per_file,
+            row_group_size=a.row_group_size,
+            overwrite=a.overwrite,
+            max_reject_fraction=a.max_reject_fraction,
+            progress=True,
+        )
+    except IngestError as e:  # the same message with options spelled as this command's flags
+        raise IngestError(e.cli_message) from e
     keys = ("rows_in", "rows_ok", "rows_rejected", "rows", "positive_rate")
     print(json.dumps({k: manifest[k] for k in keys if k in manifest}, indent=2))
     print(f"wrote {a.out}")
+    # One line on stderr whatever stdout is piped into, so rejected rows are never silent.
+    print(
+        f"ingest: {manifest['rows_in']} rows in, {manifest['rows_ok']} ok, {manifest['rows_rejected']} rejected "
+        f"(rejects: {Path(a.out) / REJECTS_NAME})",
+        file=sys.stderr,
+    )
     return 0
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
     from data_pipeline.preprocess import export_tsv
+    from data_pipeline.sources import IngestError
 
-    rows = export_tsv(a.parquet_dir, a.out)
+    try:
+        rows = export_tsv(a.parquet_dir, a.out, overwrite=a.overwrite)
+    except IngestError as e:
+        raise IngestError(e.cli_message) from e
     print(f"wrote {rows} rows to {a.out}")
     return 0
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1] (argparse names the flag in its error)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
 
 
 def _load(a: argparse.Namespace):  # noqa: ANN202
@@ -145,12 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the hash split")
     s.add_argument("--rows-per-file", type=int, default=1_000_000)
     s.add_argument("--row-group-size", type=int, default=8192)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is a data set an earlier ingest wrote (never any other directory)",
+    )
+    s.add_argument(
+        "--max-reject-fraction",
+        type=_fraction,
+        default=0.5,  # preprocess.DEFAULT_MAX_REJECT_FRACTION, spelled out: importing it here loads pyarrow
+        help="fail, writing nothing, if more than this share of one input's lines is rejected (default 0.5: "
+        "real Criteo data rejects ~0 lines, a wrong format ~all of them)",
+    )
     s.set_defaults(fn=_cmd_ingest)
 
     s = sub.add_parser("export", help="ingested Parquet -> Criteo TSV (.gz by extension)")
     s.add_argument("parquet_dir")
     s.add_argument("out")
+    s.add_argument("--overwrite", action="store_true", help="replace out if it exists")
     s.set_defaults(fn=_cmd_export)
 
     for name, fn, helptext in (

@@ -33,8 +33,13 @@ CSV_HEADER = "Id,Label," + ",".join((*DENSE_COLUMNS, *SPARSE_COLUMNS))
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def row(i: int = 0, label: str | None = None, dense: dict[int, str] | None = None,
-        sparse: dict[int, str] | None = None, sep: str = "\t") -> str:
+def row(
+    i: int = 0,
+    label: str | None = None,
+    dense: dict[int, str] | None = None,
+    sparse: dict[int, str] | None = None,
+    sep: str = "\t",
+) -> str:
     """One well-formed labelled line (no newline) whose values vary with i; label (default i % 2),
     dense and sparse (1-based field index -> text) override fields. See unlabelled_row for 39 fields."""
     lab = str(i % 2) if label is None else label
@@ -100,9 +105,15 @@ def single_reject(tmp_path: Path, bad_line: str, **kw) -> dict:
 
 def test_values_types_and_manifest(tmp_path: Path) -> None:
     text = (
-        row(0, "1", dense={1: "-5", 2: "", 3: "2147483647", 4: "-2147483648", 5: "007"},
-            sparse={1: "", 2: "ABCDEF01", 3: "1a", 4: "ffffffff", 5: "00000000"}) + "\n"
-        + row(1, "0") + "\n"
+        row(
+            0,
+            "1",
+            dense={1: "-5", 2: "", 3: "2147483647", 4: "-2147483648", 5: "007"},
+            sparse={1: "", 2: "ABCDEF01", 3: "1a", 4: "ffffffff", 5: "00000000"},
+        )
+        + "\n"
+        + row(1, "0")
+        + "\n"
     )
     src = write(tmp_path / "in.tsv", text)
     m = run([src], tmp_path / "out")
@@ -136,7 +147,9 @@ def test_file_and_row_group_layout(tmp_path: Path) -> None:
 def test_several_inputs_concatenate_in_order(tmp_path: Path) -> None:
     a = write(tmp_path / "a.tsv", lines(3))
     b = write(tmp_path / "b.tsv.gz", lines(4, start=3), gz=True)
-    m = run([a, b, a], tmp_path / "out")
+    # A third file rather than `a` again: the same file twice is refused (tests/test_ingest_safety.py).
+    c = write(tmp_path / "c.tsv", lines(3, start=7))
+    m = run([a, b, c], tmp_path / "out")
     assert [s["first_row_id"] for s in m["sources"]] == [0, 3, 7]
     assert [s["rows_ok"] for s in m["sources"]] == [3, 4, 3]
     t = read_table(tmp_path / "out")
@@ -249,7 +262,7 @@ def test_label_not_binary(tmp_path: Path, value: str) -> None:
 def test_blank_lines_are_rejects_and_keep_line_numbers(tmp_path: Path) -> None:
     text = lines(2) + "\n" + "\r\n" + row(2, label="9") + "\n" + lines(1, start=3) + "\n"
     src = write(tmp_path / "in.tsv", text)
-    m = run([src], tmp_path / "out")
+    m = run([src], tmp_path / "out", max_reject_fraction=1.0)  # 4 of 7 lines rejected, on purpose
     assert_conserved(m)
     got = [(r["line"], r["kind"]) for r in read_rejects(tmp_path / "out")]
     assert got == [(3, "blank_line"), (4, "blank_line"), (5, "label"), (7, "blank_line")]
@@ -334,8 +347,12 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name, data",
-    [("empty.tsv", b""), ("empty.tsv.gz", gzip.compress(b"", mtime=0)), ("blank.tsv", b"\n\n"),
-     ("header_only.csv", (CSV_HEADER + "\r\n").encode())],
+    [
+        ("empty.tsv", b""),
+        ("empty.tsv.gz", gzip.compress(b"", mtime=0)),
+        ("blank.tsv", b"\n\n"),
+        ("header_only.csv", (CSV_HEADER + "\r\n").encode()),
+    ],
 )
 def test_empty_input_is_an_error(tmp_path: Path, name: str, data: bytes) -> None:
     src = write(tmp_path / name, data)
@@ -396,9 +413,16 @@ def test_existing_out_dir(tmp_path: Path) -> None:
     with pytest.raises(IngestError, match="already exists"):
         run([src], out)
     assert (out / "old.txt").exists()
-    m = run([src], out, overwrite=True)
-    assert m["rows_ok"] == 3 and not (out / "old.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tsv", "out"]
+    # overwrite replaces only a directory ingest made (more cases in tests/test_ingest_safety.py): this
+    # one is the user's, so it is refused and kept.
+    with pytest.raises(IngestError, match="not a data set this project made"):
+        run([src], out, overwrite=True)
+    assert (out / "old.txt").read_text() == "old"
+    ours = tmp_path / "ours"
+    run([write(tmp_path / "in2.tsv", lines(2))], ours)
+    m = run([src], ours, overwrite=True)
+    assert m["rows_ok"] == 3 and json.loads((ours / "manifest.json").read_text())["rows_ok"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tsv", "in2.tsv", "ours", "out"]
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
@@ -417,7 +441,15 @@ def test_bad_arguments(tmp_path: Path) -> None:
 def test_rerun_is_byte_identical(tmp_path: Path) -> None:
     src = write(tmp_path / "in.tsv", lines(40) + "bad line\n" + lines(10, start=40))
     for out in ("a", "b"):
-        run([src], tmp_path / out, rows_per_file=16, row_group_size=5, valid_fraction=0.3, split="hash", seed=3)
+        run(
+            [src],
+            tmp_path / out,
+            rows_per_file=16,
+            row_group_size=5,
+            valid_fraction=0.3,
+            split="hash",
+            seed=3,
+        )
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     assert files_a == files_b and len(files_a) >= 8
@@ -442,7 +474,9 @@ def test_split_is_disjoint_and_complete(tmp_path: Path, split: str) -> None:
         assert np.array_equal(hash_split_is_valid(np.arange(103), 0.25, 7).nonzero()[0], valid)
         assert 10 < len(valid) < 45
     # Rows keep their values, not just their ids.
-    full = {r["row_id"]: r for r in read_table(out / "train").to_pylist() + read_table(out / "valid").to_pylist()}
+    full = {
+        r["row_id"]: r for r in read_table(out / "train").to_pylist() + read_table(out / "valid").to_pylist()
+    }
     assert [full[i]["C2"] for i in range(103)] == [int(row(i).split("\t")[15], 16) for i in range(103)]
     assert not (out / "part-00000.parquet").exists() and not (out / "_resplit").exists()
     for name, ids in (("train", train), ("valid", valid)):
@@ -454,7 +488,8 @@ def test_split_is_disjoint_and_complete(tmp_path: Path, split: str) -> None:
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             assert all(s == 6 for s in sizes[:-1]) and f["rows"] == sum(sizes)
     assert sorted(f["path"].split("/")[0] for f in m["files"]) == ["train"] * len(
-        list((out / "train").glob("*.parquet"))) + ["valid"] * len(list((out / "valid").glob("*.parquet")))
+        list((out / "train").glob("*.parquet"))
+    ) + ["valid"] * len(list((out / "valid").glob("*.parquet")))
 
 
 def test_time_split_on_a_file_boundary(tmp_path: Path) -> None:
