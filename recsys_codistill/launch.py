@@ -166,12 +166,23 @@ STORE_ENV = "RECSYS_CODISTILL_STORE"  # FileStore path of a launcher-spawned gro
 EXIT_NO_RESTART = 3  # a worker's "restarting would fail the same way" (a non-finite loss)
 
 
-def die_with_parent() -> None:
-    """In a child: get SIGKILL when the parent dies (Linux), so no process outlives the launcher, even a
-    launcher killed with -9. Elsewhere a no-op (the launcher still stops the children it outlives)."""
+def die_with_parent(parent: int | None = None) -> None:
+    """Get SIGKILL when the parent process dies (Linux ``PR_SET_PDEATHSIG``), so no process outlives the
+    launcher, even a launcher killed with -9; exit at once if ``parent`` (its pid) is already gone. Elsewhere
+    a no-op (the launcher still stops the children it outlives)."""
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:
+        raise SystemExit("recsys-codistill: the launcher is gone; not starting")
+
+
+# Run in the child before the real command: the death signal survives exec, and setting it in the child
+# itself avoids subprocess's preexec_fn, which is unsafe in threaded programs (a study launches from threads).
+_CHILD_PRELUDE = (
+    "import os, sys; from recsys_codistill.launch import die_with_parent; "
+    "die_with_parent(int(sys.argv[1])); os.execv(sys.argv[2], sys.argv[2:])"
+)
 
 
 def worker_command(config_path: Path, group: int) -> list[str]:
@@ -280,7 +291,11 @@ class Group:
         if not failed:
             return 0 if all(c == 0 for c in codes) else None
         self.stop()
-        if self.own_ranks and self.restarts < self.cfg.sharding.max_restarts and EXIT_NO_RESTART not in failed:
+        if (
+            self.own_ranks
+            and self.restarts < self.cfg.sharding.max_restarts
+            and EXIT_NO_RESTART not in failed
+        ):
             self.restarts += 1
             print(
                 f"recsys-codistill: group {self.group}: a rank exited with code {exit_code(failed[0])}; "

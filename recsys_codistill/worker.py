@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     # Under torchrun our parent is its agent: die with it too (the launcher's own children have this set).
     die_with_parent()
     if os.getppid() == 1:
-        raise SystemExit("recsys-codistill worker: the launcher is gone; not starting")
+        raise SystemExit("recsys-codistill worker: the process that started it is gone; not starting")
     cfg = load_config(args.config)
 
     # TorchRec and torch emit many one-off warnings per rank (planner estimates, fx tracing): keep the

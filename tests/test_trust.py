@@ -300,6 +300,15 @@ def _worker_pids(run_dir: Path) -> list[int]:
     return [int(x) for x in out.stdout.split()]
 
 
+def _descendants(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        kids = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True).stdout.split()
+        todo += [int(k) for k in kids if int(k) not in out]
+        out |= {int(k) for k in kids}
+    return out
+
+
 def _wait_for(cond, timeout: float = 60.0) -> bool:  # noqa: ANN001
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -341,8 +350,11 @@ def test_one_launch_per_run_dir_workers_listen_on_loopback_only_and_die_with_the
         # every listening socket of the workers is on loopback
         if shutil.which("ss"):
             assert _wait_for(lambda: (run_dir / "group0" / "metrics.jsonl").is_file())
+            # the launcher's whole process tree: a torchrun agent's store would show up here too
+            tree = _descendants(proc.pid)
+            assert set(pids) <= tree
             ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
-            mine = [line for line in ss if any(f"pid={p}," in line for p in pids)]
+            mine = [line for line in ss if any(f"pid={p}," in line for p in tree)]
             assert mine, "no listening socket found for the workers (gloo listens on one)"
             for line in mine:
                 local = line.split()[3]
@@ -373,3 +385,29 @@ def test_a_non_finite_loss_stops_training_without_a_checkpoint(data, tmp_path):
     assert "non-finite" in log or "NaN" in log
     if list_checkpoints(tmp_path / "nan" / "group0" / "checkpoints"):  # saved before it diverged: finite
         assert all(torch.isfinite(w).all() for w in weights(tmp_path / "nan").values())
+
+
+@pytest.mark.dist
+def test_a_failing_group_stops_the_others_and_its_exit_code_is_returned(data, tmp_path):
+    from recsys_codistill.config import save_resolved
+
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(
+        data, run_dir, "codistill.num_groups=2", "codistill.burn_in_steps=4", "codistill.exchange_every=4",
+        "data.epochs=50", "train.eval_every=0", "codistill.data=shared",
+    )  # fmt: skip
+    proc = _launcher(save_resolved(cfg, tmp_path / "cfg"))
+    try:
+        assert _wait_for(lambda: len(_worker_pids(run_dir)) == 2), "the workers never started"
+        group1 = subprocess.run(
+            ["pgrep", "-f", f"recsys_codistill.worker --config {run_dir}.* --group 1"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        pids = _worker_pids(run_dir)
+        os.kill(int(group1[0]), signal.SIGKILL)
+        assert proc.wait(timeout=60) == 128 + signal.SIGKILL
+        assert _wait_for(lambda: not any(_alive(p) for p in pids), timeout=30), "group 0 trained on"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
