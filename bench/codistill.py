@@ -30,10 +30,9 @@ K = 50
 
 
 def main() -> None:
-    import torch.distributed.checkpoint as dcp
-
     from bench._common import single_rank_world, synthetic_parquet
     from data_pipeline.loader import CriteoStream
+    from recsys_codistill import dcp_io
     from recsys_codistill.codistill import codistill_loss
     from recsys_codistill.config import load_config
     from recsys_codistill.teacher_exchange import publish
@@ -84,7 +83,7 @@ def main() -> None:
     nbytes = sum(f.stat().st_size for f in path.iterdir())
     t0 = time.perf_counter()
     state = {"model": teacher.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp_io.load(state, path)  # what the trainer does: restricted unpickler, weights_only byte items
     teacher.load_state_dict(state["model"])
     load_s = time.perf_counter() - t0
     dist.destroy_process_group()
