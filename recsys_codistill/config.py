@@ -330,7 +330,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise bad(str(tp))  # pragma: no cover - only reached by a new, unsupported annotation
 
 
-def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str = "") -> Any:
+def build_section(cls: type, data: Mapping[str, Any], source: str, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -345,7 +345,7 @@ def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str = "") ->
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: '{full}' must be a table/section, got {value!r}")
-            kwargs[key] = _build(tp, value, source, f"{full}.")
+            kwargs[key] = build_section(tp, value, source, f"{full}.")
         else:
             kwargs[key] = _coerce(value, tp, full, source)
     return cls(**kwargs)
@@ -406,13 +406,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     source = str(path) if path is not None else "<defaults>"
     if overrides:
         source += " + --set " + " ".join(overrides)
-    cfg = _build(RunConfig, config_dict_from_sources(path, overrides), source)
+    cfg = build_section(RunConfig, config_dict_from_sources(path, overrides), source)
     validate(cfg, source)
     return cfg
 
 
 def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> RunConfig:
-    cfg = _build(RunConfig, data, source)
+    cfg = build_section(RunConfig, data, source)
     validate(cfg, source)
     return cfg
 

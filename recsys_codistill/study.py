@@ -27,10 +27,12 @@ import pyarrow.parquet as pq
 from recsys_codistill.config import (
     ConfigError,
     RunConfig,
-    _build,
     apply_overrides,
+    build_section,
+    check_ranges,
     config_dict_from_sources,
     from_dict,
+    ranged,
     to_dict,
     to_toml,
 )
@@ -42,19 +44,19 @@ METHODS = ("baseline", "ensemble", "codistill")
 @dataclass(frozen=True)
 class StudyConfig:
     out_dir: str = "runs/study"
-    repeats: int = 3
+    repeats: int = ranged(3, ge=1)
     methods: tuple[str, ...] = METHODS
     # Data: an ingested dir with train/ and valid/, or raw Criteo files to ingest, or (default) synthetic.
     data_dir: str = ""
     inputs: tuple[str, ...] = ()
-    synthetic_rows: int = 200_000
-    synthetic_seed: int = 0
-    valid_fraction: float = 0.2
+    synthetic_rows: int = ranged(200_000, ge=2)
+    synthetic_seed: int = ranged(0, ge=0, le=2**32 - 1)
+    valid_fraction: float = ranged(0.2, gt=0.0, lt=1.0, why="the study evaluates on the held-out rows")
     split: Literal["time", "hash"] = "time"
-    seed: int = 0
-    bootstrap: int = 1000
+    seed: int = ranged(0, ge=0, le=2**32 - 1)
+    bootstrap: int = ranged(1000, ge=1, zero="no confidence intervals")
     # Baseline trainings run this many at a time (each with 1 thread): uses both cores of a small box.
-    parallel_runs: int = 2
+    parallel_runs: int = ranged(2, ge=1)
 
 
 @dataclass
@@ -89,12 +91,11 @@ def load_study_with_variants(
         isinstance(v, list) and all(isinstance(x, str) for x in v) for v in variants.values()
     ):
         raise ConfigError(f'{path}: [study.variants] must map names to lists of "section.key=value" strings')
-    study = _build(StudyConfig, section, str(path), "study.")
+    study = build_section(StudyConfig, section, str(path), "study.")
     unknown = [m for m in study.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"{path}: study.methods has {unknown}; expected a subset of {list(METHODS)}")
-    if study.repeats < 1:
-        raise ConfigError(f"{path}: study.repeats must be >= 1")
+    check_ranges(study, str(path), "study.")
     base = from_dict(data, str(path))
     tags = [variant_tag(str(n)) for n in variants]
     if len(set(tags)) != len(tags):
