@@ -32,11 +32,17 @@ Bootstrap (:func:`churn_report`)
     Buckets cost no extra matrix columns: rows are ordered by (probability bucket, frequency bucket) so
     every cell is a contiguous run and cell sums are added up per bucket afterwards.
     Intervals are bootstrap percentile intervals (default 95%).
+
+Statistics are named, not numbered: each is a ratio Σ x / Σ d of a per-row value x (``_RATIO_STATISTICS``:
+``mean_abs_diff``, ``symmetric_pd``, ``flip_0_to_1``, ``flip_1_to_0`` over all rows; ``log_loss_a``,
+``log_loss_b`` over the labelled rows) or a sum/difference of two of them (``flip_rate``,
+``log_loss_diff``), and one bucket-row builder serves the report and both bucket functions.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -218,20 +224,8 @@ def churn_by_probability_bucket(
 ) -> list[dict[str, Any]]:
     """Rows and mean |pA − pB| per bucket of (pA + pB)/2 with fixed ``edges`` (empty buckets → None)."""
     a, b = _pair(p_a, p_b)
-    e = _check_edges(edges)
-    idx = probability_bucket_index(a, b, e)
-    nb = e.size - 1
-    rows = np.bincount(idx, minlength=nb)
-    sums = np.bincount(idx, weights=np.abs(a - b), minlength=nb)
-    return [
-        {
-            "lo": float(e[i]),
-            "hi": float(e[i + 1]),
-            "rows": int(rows[i]),
-            "mean_abs_diff": float(sums[i] / rows[i]) if rows[i] else None,
-        }
-        for i in range(nb)
-    ]
+    axis = _probability_axis(a, b, _check_edges(edges))
+    return _mean_abs_diff_rows(a, b, _CellGrid(a.size, prob=axis), axis)
 
 
 def frequency_buckets(feature_values: Any, reference_values: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -272,28 +266,8 @@ def churn_by_feature_frequency(
     Only non-empty buckets are listed, in increasing frequency ("unseen" first).
     """
     a, b = _pair(p_a, p_b)
-    fv = as_numpy(feature_values, name="feature_values")
-    if fv.size != a.size:
-        raise ValueError(f"feature_values has {fv.size} rows but predictions have {a.size}")
-    bucket, _ = frequency_buckets(fv, reference_values)
-    out = []
-    shifted = bucket + 1  # bincount needs non-negative bins; 0 = unseen
-    rows = np.bincount(shifted)
-    sums = np.bincount(shifted, weights=np.abs(a - b), minlength=rows.size)
-    distinct = _distinct_per_bucket(fv, shifted, rows.size)
-    for j in np.flatnonzero(rows):
-        k = int(j) - 1
-        out.append(
-            {
-                "bucket": _frequency_bucket_label(k),
-                "min_count": 0 if k < 0 else 1 << k,
-                "max_count": 0 if k < 0 else (1 << (k + 1)) - 1,
-                "rows": int(rows[j]),
-                "distinct_values": int(distinct[j]),
-                "mean_abs_diff": float(sums[j] / rows[j]),
-            }
-        )
-    return out
+    axis = _frequency_axis(feature_values, reference_values, a.size)
+    return _mean_abs_diff_rows(a, b, _CellGrid(a.size, freq=axis), axis)
 
 
 def _distinct_per_bucket(fv: np.ndarray, shifted_bucket: np.ndarray, nbins: int) -> np.ndarray:
@@ -327,6 +301,182 @@ def topk_overlap(p_a: Any, p_b: Any, k: int) -> dict[str, float | int]:
     in_a[_topk_indices(a, k)] = True
     shared = int(np.count_nonzero(in_a[_topk_indices(b, k)]))
     return {"k": k, "shared_fraction": shared / k, "jaccard": shared / (2 * k - shared)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Named statistics
+# ----------------------------------------------------------------------------------------------------
+
+
+class _PairRows(NamedTuple):
+    """What a per-row statistic reads: both predictions, the flip threshold, labels (0 where unlabelled)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    threshold: float | None = None  # needed by the flips only
+    y: np.ndarray | None = None  # needed by the log losses only
+
+
+class _RatioStatistic(NamedTuple):
+    """A per-row value x whose estimate over a set of rows is Σ x / Σ d.
+
+    d = 1 (a mean over all rows), or, with ``labelled_only``, d = "row is labelled" (a mean over the
+    labelled rows; x is zeroed on the others).
+    """
+
+    name: str
+    per_row: Callable[[_PairRows], np.ndarray]
+    labelled_only: bool = False
+
+
+class _CombinedStatistic(NamedTuple):
+    """``op(left, right)`` of two ratio statistics, applied to point estimates and replicates alike."""
+
+    name: str
+    left: str
+    right: str
+    op: Callable[[Any, Any], Any]
+
+
+def _row_logloss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    pc = np.clip(p, LOGLOSS_EPS, 1.0 - LOGLOSS_EPS)
+    return -np.where(y >= 0.5, np.log(pc), np.log(1.0 - pc))
+
+
+# The ratio statistics, in bootstrap-column order. Flips are bool (1 byte per row); bincount and the float32
+# bootstrap blocks cast them as they read.
+_RATIO_STATISTICS: dict[str, _RatioStatistic] = {
+    s.name: s
+    for s in (
+        _RatioStatistic("mean_abs_diff", lambda r: np.abs(r.a - r.b)),
+        _RatioStatistic("symmetric_pd", lambda r: _spd_rows(r.a, r.b)),
+        _RatioStatistic("flip_0_to_1", lambda r: (r.b >= r.threshold) & (r.a < r.threshold)),
+        _RatioStatistic("flip_1_to_0", lambda r: (r.a >= r.threshold) & (r.b < r.threshold)),
+        _RatioStatistic("log_loss_a", lambda r: _row_logloss(r.y, r.a), labelled_only=True),
+        _RatioStatistic("log_loss_b", lambda r: _row_logloss(r.y, r.b), labelled_only=True),
+    )
+}
+_COMBINED_STATISTICS: dict[str, _CombinedStatistic] = {
+    s.name: s
+    for s in (
+        _CombinedStatistic("flip_rate", "flip_0_to_1", "flip_1_to_0", operator.add),
+        _CombinedStatistic("log_loss_diff", "log_loss_a", "log_loss_b", operator.sub),
+    )
+}
+# What churn_report estimates over all rows, per bucket, and over the labelled rows (in output order).
+_OVERALL = ("mean_abs_diff", "symmetric_pd", "flip_rate", "flip_0_to_1", "flip_1_to_0")
+_PER_BUCKET = ("mean_abs_diff", "symmetric_pd", "flip_rate")
+_LABELLED = ("log_loss_a", "log_loss_b", "log_loss_diff")
+
+
+class _Column(NamedTuple):
+    """One ratio statistic's per-row values."""
+
+    name: str
+    values: np.ndarray
+    labelled_only: bool
+
+
+def _columns(names: Sequence[str], rows: _PairRows, labelled: np.ndarray | None = None) -> list[_Column]:
+    """Per-row values of the named ratio statistics; labelled-only ones are zeroed on unlabelled rows."""
+    out = []
+    for name in names:
+        stat = _RATIO_STATISTICS[name]
+        values = stat.per_row(rows)
+        if stat.labelled_only:
+            if labelled is None:
+                raise ValueError(f"{name} needs labels")
+            values = values * labelled
+        out.append(_Column(name, values, stat.labelled_only))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Buckets and cells
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Axis(NamedTuple):
+    """One bucketing of the rows: each row's bucket (0..size-1) and each bucket's leading output columns."""
+
+    index: np.ndarray
+    size: int
+    header: Callable[[int, int], dict[str, Any]]  # (bucket, rows) -> its columns up to and with "rows"
+    keep_empty: bool  # list empty buckets too (fixed probability edges) or leave them out (frequency)
+
+
+def _probability_axis(a: np.ndarray, b: np.ndarray, edges: np.ndarray) -> _Axis:
+    """Buckets of (pA + pB)/2 between ``edges`` (checked), every bucket listed."""
+
+    def header(i: int, rows: int) -> dict[str, Any]:
+        return {"lo": float(edges[i]), "hi": float(edges[i + 1]), "rows": rows}
+
+    return _Axis(probability_bucket_index(a, b, edges), edges.size - 1, header, keep_empty=True)
+
+
+def _frequency_axis(feature_values: Any, reference_values: Any, n: int) -> _Axis:
+    """Log2 frequency buckets of ``feature_values`` (see :func:`frequency_buckets`), non-empty ones listed."""
+    fv = as_numpy(feature_values, name="feature_values")
+    if fv.size != n:
+        raise ValueError(f"feature_values has {fv.size} rows but predictions have {n}")
+    shifted = frequency_buckets(fv, reference_values)[0] + 1  # bincount needs non-negative bins; 0 = unseen
+    size = int(shifted.max()) + 1
+    distinct = _distinct_per_bucket(fv, shifted, size)
+
+    def header(j: int, rows: int) -> dict[str, Any]:
+        k = j - 1
+        return {
+            "bucket": _frequency_bucket_label(k),
+            "min_count": 0 if k < 0 else 1 << k,
+            "max_count": 0 if k < 0 else (1 << (k + 1)) - 1,
+            "rows": rows,
+            "distinct_values": int(distinct[j]),
+        }
+
+    return _Axis(shifted, size, header, keep_empty=False)
+
+
+class _CellGrid:
+    """Rows grouped into cells (probability bucket, frequency bucket); an absent axis is one bucket.
+
+    Cell ``i * n_fb + j`` holds probability bucket i and frequency bucket j, so a probability bucket is a
+    contiguous run of cells and a frequency bucket a strided one.
+    """
+
+    def __init__(self, n: int, prob: _Axis | None = None, freq: _Axis | None = None) -> None:
+        self.prob, self.freq = prob, freq
+        self.n_fb = freq.size if freq is not None else 1
+        self.n_cells = (prob.size if prob is not None else 1) * self.n_fb
+        if prob is not None:
+            self.cell = prob.index * self.n_fb + (freq.index if freq is not None else 0)
+        else:
+            self.cell = freq.index if freq is not None else np.zeros(n, dtype=np.int64)
+        self.rows = np.bincount(self.cell, minlength=self.n_cells)
+
+    def cells(self, axis: _Axis, bucket: int) -> np.ndarray:
+        """The cells of bucket ``bucket`` of ``axis`` (this grid's ``prob`` or ``freq``)."""
+        if axis is self.prob:
+            return np.arange(bucket * self.n_fb, (bucket + 1) * self.n_fb)
+        return np.arange(bucket, self.n_cells, self.n_fb)
+
+
+def _bucket_rows(
+    grid: _CellGrid, axis: _Axis, values: Callable[[np.ndarray], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One output row per bucket of ``axis``: the bucket's columns, then ``values(cells of the bucket)``."""
+    out = []
+    for i in range(axis.size):
+        cells = grid.cells(axis, i)
+        rows = int(grid.rows[cells].sum())
+        if rows or axis.keep_empty:
+            out.append({**axis.header(i, rows), **values(cells)})
+    return out
+
+
+def _mean_abs_diff_rows(a: np.ndarray, b: np.ndarray, grid: _CellGrid, axis: _Axis) -> list[dict[str, Any]]:
+    """Bucket rows of the standalone bucket functions: mean |pA − pB| as a float (None if empty)."""
+    stats = _CellStatistics(grid, _columns(("mean_abs_diff",), _PairRows(a, b)))
+    return _bucket_rows(grid, axis, lambda cells: {"mean_abs_diff": stats.ratio("mean_abs_diff", cells)[0]})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,6 +558,104 @@ def _bootstrap_cell_sums(
     return out
 
 
+class _CellStatistics:
+    """Named ratio statistics summed per cell of a :class:`_CellGrid`, exactly and per bootstrap replicate.
+
+    A statistic's estimate over a group of cells (a bucket, or every cell) adds up the cells' sums of x and
+    of d. Exact float64 sums give the point estimates. With ``bootstrap > 0`` one streaming pass
+    (:func:`_bootstrap_cell_sums`, rows in cell order) gives every cell's replicate sums; its columns are
+    the ``columns`` in order, then the weighted row count, then the weighted labelled-row count.
+    """
+
+    def __init__(
+        self,
+        grid: _CellGrid,
+        columns: Sequence[_Column],
+        labelled: np.ndarray | None = None,
+        bootstrap: int = 0,
+        seed: int = 0,
+    ) -> None:
+        cell, n_cells = grid.cell, grid.n_cells
+        self._col = {c.name: j for j, c in enumerate(columns)}
+        self._labelled_only = np.array([c.labelled_only for c in columns], dtype=np.bool_)
+        self.cell_rows = grid.rows.astype(np.float64)
+        self.cell_lab = (
+            np.bincount(cell, weights=labelled, minlength=n_cells)
+            if labelled is not None
+            else np.zeros(n_cells)
+        )
+        self._num = np.stack([np.bincount(cell, weights=c.values, minlength=n_cells) for c in columns])
+        self._den = np.where(self._labelled_only[:, None], self.cell_lab[None, :], self.cell_rows[None, :])
+        # Per-cell means: the bootstrap columns carry x - theta_cell * d, so float32 partial sums hold
+        # only deviations (a constant cell gives exactly 0, not rounding noise).
+        self._theta = np.divide(self._num, self._den, out=np.zeros_like(self._num), where=self._den > 0)
+        self._col_rows, self._col_lab = len(columns), len(columns) + 1
+        self._reps: np.ndarray | None = None  # (cells, bootstrap columns, R)
+        if bootstrap > 0:
+            self._reps = self._bootstrap(grid, columns, labelled, bootstrap, seed)
+
+    def _bootstrap(
+        self,
+        grid: _CellGrid,
+        columns: Sequence[_Column],
+        labelled: np.ndarray | None,
+        bootstrap: int,
+        seed: int,
+    ) -> np.ndarray:
+        cell, theta, labelled_only = grid.cell, self._theta, self._labelled_only
+        order = np.argsort(cell, kind="stable")
+        bounds = np.concatenate(([0], np.cumsum(grid.rows)))
+
+        def stat_block(start: int, stop: int) -> np.ndarray:
+            idx = order[start:stop]
+            c = cell[idx]
+            d_lab = labelled[idx] if labelled is not None else None
+            cols = []
+            for j, column in enumerate(columns):
+                d = d_lab if labelled_only[j] else 1.0
+                cols.append(column.values[idx] - theta[j, c] * d)
+            cols.append(np.ones(idx.size))
+            if d_lab is not None:
+                cols.append(d_lab)
+            return np.stack(cols, axis=1).astype(np.float32)
+
+        n_cols = len(columns) + 1 + (1 if labelled is not None else 0)
+        return _bootstrap_cell_sums(stat_block, cell.size, n_cols, bounds, bootstrap, seed)
+
+    def ratio(self, name: str, cells: np.ndarray) -> tuple[float | None, np.ndarray | None]:
+        """Point estimate and replicates (None without bootstrap) of statistic ``name`` over ``cells``."""
+        combined = _COMBINED_STATISTICS.get(name)
+        if combined is not None:
+            (left_p, left_r), (right_p, right_r) = (
+                self.ratio(combined.left, cells),
+                self.ratio(combined.right, cells),
+            )
+            point = None if left_p is None or right_p is None else combined.op(left_p, right_p)
+            reps = None if left_r is None or right_r is None else combined.op(left_r, right_r)
+            return point, reps
+        j = self._col[name]
+        den = float(self._den[j, cells].sum())
+        if den <= 0:
+            return None, None
+        point = float(self._num[j, cells].sum()) / den
+        if self._reps is None:
+            return point, None
+        d_col = self._col_lab if self._labelled_only[j] else self._col_rows
+        rep_den = self._reps[cells, d_col].sum(axis=0)
+        rep_num = (self._theta[j, cells, None] * self._reps[cells, d_col] + self._reps[cells, j]).sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rep = rep_num / rep_den
+        # Every per-row statistic is >= 0; float32 rounding of the centred sums can leave -1e-10 where
+        # a replicate resampled only zeros, which would print as a "-0.0000" interval end.
+        return point, np.maximum(rep, 0.0)
+
+    def estimates(
+        self, names: Sequence[str], cells: np.ndarray, confidence: float
+    ) -> dict[str, dict[str, float | None]]:
+        """``{name: estimate}`` (see :func:`_estimate`) of each statistic in ``names`` over ``cells``."""
+        return {name: _estimate(*self.ratio(name, cells), confidence) for name in names}
+
+
 def _estimate(value: float | None, reps: np.ndarray | None, confidence: float) -> dict[str, float | None]:
     """Point estimate with a percentile interval and the bootstrap standard error."""
     res: dict[str, float | None] = {"value": _finite(value), "ci_low": None, "ci_high": None, "se": None}
@@ -425,9 +673,15 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _row_logloss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    pc = np.clip(p, LOGLOSS_EPS, 1.0 - LOGLOSS_EPS)
-    return -np.where(y >= 0.5, np.log(pc), np.log(1.0 - pc))
+def _check_labels(labels: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels with 0 on unlabelled rows, float64 "row is labelled" mask) of 0/1/NaN ``labels``."""
+    y = as_numpy(labels, name="labels").astype(np.float64, copy=False)
+    if y.size != n:
+        raise ValueError(f"labels has {y.size} rows but predictions have {n}")
+    lab_mask = np.isfinite(y)
+    if np.any((y[lab_mask] != 0) & (y[lab_mask] != 1)):
+        raise ValueError("labels must be 0/1 (NaN for unlabelled rows)")
+    return np.where(lab_mask, y, 0.0), lab_mask.astype(np.float64)
 
 
 def churn_report(
@@ -446,21 +700,36 @@ def churn_report(
 ) -> dict[str, Any]:
     """All churn metrics between aligned ``p_a`` and ``p_b`` with paired Poisson-bootstrap CIs.
 
-    Args:
-        p_a, p_b: predicted probabilities for the same rows in the same order (see :func:`align`).
-        threshold: class threshold for flips (p >= threshold is positive), a finite number in (0, 1).
-        bootstrap: number of replicates R (0 disables intervals).
-        seed: seed of the ``numpy.random.Generator`` that draws the bootstrap weights.
-        labels: optional 0/1 labels, NaN for unlabelled rows; adds log loss of A, of B and of A − B on the
-            labelled rows, with intervals from the same replicates.
-        feature_values: optional per-row categorical values; adds churn per log2 frequency bucket
-            (frequency counted in ``feature_reference``, default ``feature_values``).
-        prob_edges: bucket edges of (pA + pB)/2.
-        topk_fraction: k = max(1, round(fraction * rows)) for the top-k overlap (no interval).
-        confidence: interval coverage (percentile bootstrap).
+    Parameters
+    ----------
+    p_a, p_b : array-like of shape (n_rows,)
+        Predicted probabilities for the same rows in the same order (see :func:`align`).
+    threshold : float
+        Class threshold for flips (p >= threshold is positive), a finite number in (0, 1).
+    bootstrap : int, default 1000
+        Number of replicates R (0 disables intervals).
+    seed : int, default 0
+        Seed of the ``numpy.random.Generator`` that draws the bootstrap weights.
+    labels : array-like of shape (n_rows,), optional
+        0/1 labels, NaN for unlabelled rows; adds log loss of A, of B and of A − B on the labelled rows,
+        with intervals from the same replicates.
+    feature_values : array-like of shape (n_rows,), optional
+        Per-row categorical values; adds churn per log2 frequency bucket (frequency counted in
+        ``feature_reference``, default ``feature_values``).
+    feature_reference : array-like, optional
+        Values whose counts define a row's frequency bucket.
+    prob_edges : sequence of float, default PROB_BUCKET_EDGES
+        Bucket edges of (pA + pB)/2.
+    topk_fraction : float, default 0.01
+        k = max(1, round(fraction * rows)) for the top-k overlap (no interval).
+    confidence : float, default 0.95
+        Interval coverage (percentile bootstrap).
 
-    Returns a JSON-serialisable dict; every estimate is ``{"value", "ci_low", "ci_high", "se"}`` (None
-    where undefined, e.g. an empty bucket or ``bootstrap=0``).
+    Returns
+    -------
+    dict
+        JSON-serialisable; every estimate is ``{"value", "ci_low", "ci_high", "se"}`` (None where
+        undefined, e.g. an empty bucket or ``bootstrap=0``).
     """
     threshold = check_threshold(threshold)
     a, b = _pair(p_a, p_b)
@@ -470,166 +739,34 @@ def churn_report(
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     edges = _check_edges(prob_edges)
-
-    # --- per-row statistics ---------------------------------------------------------------------------
-    # Each statistic is a ratio Σ x / Σ d over a set of rows, d = 1 (all rows) or d = "row is labelled".
-    absd = np.abs(a - b)
-    spd = _spd_rows(a, b)
-    a1, b1 = a >= threshold, b >= threshold
-    up = b1 & ~a1  # bool: 1 byte per row; bincount and the float32 blocks cast as they read
-    down = a1 & ~b1
-    del a1, b1
-    numerators: list[np.ndarray] = [absd, spd, up, down]
-    lab: np.ndarray | None = None
+    y = lab = None
     if labels is not None:
-        y = as_numpy(labels, name="labels").astype(np.float64, copy=False)
-        if y.size != n:
-            raise ValueError(f"labels has {y.size} rows but predictions have {n}")
-        lab_mask = np.isfinite(y)
-        if np.any((y[lab_mask] != 0) & (y[lab_mask] != 1)):
-            raise ValueError("labels must be 0/1 (NaN for unlabelled rows)")
-        lab = lab_mask.astype(np.float64)
-        yz = np.where(lab_mask, y, 0.0)
-        numerators += [_row_logloss(yz, a) * lab, _row_logloss(yz, b) * lab]
-    n_num = len(numerators)
-    uses_lab = np.arange(n_num) >= 4  # log-loss columns are means over labelled rows only
+        y, lab = _check_labels(labels, n)
+    prob = _probability_axis(a, b, edges)
+    freq = _frequency_axis(feature_values, feature_reference, n) if feature_values is not None else None
 
-    # --- cells: probability bucket x frequency bucket ---------------------------------------------------
-    pbucket = probability_bucket_index(a, b, edges)
-    n_pb = edges.size - 1
-    fshift: np.ndarray | None = None
-    n_fb = 1
-    if feature_values is not None:
-        fv = as_numpy(feature_values, name="feature_values")
-        if fv.size != n:
-            raise ValueError(f"feature_values has {fv.size} rows but predictions have {n}")
-        fshift = frequency_buckets(fv, feature_reference)[0] + 1  # 0 = unseen
-        n_fb = int(fshift.max()) + 1
-    cell = pbucket * n_fb + (fshift if fshift is not None else 0)
-    del pbucket
-    n_cells = n_pb * n_fb
+    # Per-row statistics, summed per cell (probability bucket x frequency bucket) and per replicate.
+    names = [s.name for s in _RATIO_STATISTICS.values() if lab is not None or not s.labelled_only]
+    grid = _CellGrid(n, prob=prob, freq=freq)
+    stats = _CellStatistics(grid, _columns(names, _PairRows(a, b, threshold, y), lab), lab, bootstrap, seed)
+    all_cells = np.arange(grid.n_cells)
 
-    # Exact float64 sums per cell give the point estimates of every group of cells.
-    cell_rows = np.bincount(cell, minlength=n_cells).astype(np.float64)
-    cell_lab = np.bincount(cell, weights=lab, minlength=n_cells) if lab is not None else np.zeros(n_cells)
-    cell_num = np.stack([np.bincount(cell, weights=x, minlength=n_cells) for x in numerators])
-    cell_den = np.where(uses_lab[:, None], cell_lab[None, :], cell_rows[None, :])
-    # Per-cell means: the bootstrap columns carry x - theta_cell * d, so float32 partial sums hold
-    # only deviations (a constant cell gives exactly 0, not rounding noise).
-    theta = np.divide(cell_num, cell_den, out=np.zeros_like(cell_num), where=cell_den > 0)
-
-    reps: np.ndarray | None = None  # (cells, columns, R)
-    # Column layout of reps: numerators 0..n_num-1, then the weighted row count, then labelled count.
-    col_rows, col_lab = n_num, n_num + 1
-    if bootstrap > 0:
-        order = np.argsort(cell, kind="stable")
-        bounds = np.concatenate(([0], np.cumsum(np.bincount(cell, minlength=n_cells))))
-
-        def stat_block(start: int, stop: int) -> np.ndarray:
-            idx = order[start:stop]
-            c = cell[idx]
-            d_lab = lab[idx] if lab is not None else None
-            cols = []
-            for j, x in enumerate(numerators):
-                d = d_lab if uses_lab[j] else 1.0
-                cols.append(x[idx] - theta[j, c] * d)
-            cols.append(np.ones(idx.size))
-            if d_lab is not None:
-                cols.append(d_lab)
-            return np.stack(cols, axis=1).astype(np.float32)
-
-        n_cols = n_num + 1 + (1 if lab is not None else 0)
-        reps = _bootstrap_cell_sums(stat_block, n, n_cols, bounds, bootstrap, seed)
-
-    def ratio(j: int, cells: np.ndarray) -> tuple[float | None, np.ndarray | None]:
-        """Point estimate and replicates of statistic j over the union of ``cells``."""
-        den = float(cell_den[j, cells].sum())
-        if den <= 0:
-            return None, None
-        point = float(cell_num[j, cells].sum()) / den
-        if reps is None:
-            return point, None
-        d_col = col_lab if uses_lab[j] else col_rows
-        rep_den = reps[cells, d_col].sum(axis=0)
-        rep_num = (theta[j, cells, None] * reps[cells, d_col] + reps[cells, j]).sum(axis=0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rep = rep_num / rep_den
-        # Every per-row statistic is >= 0; float32 rounding of the centred sums can leave -1e-10 where
-        # a replicate resampled only zeros, which would print as a "-0.0000" interval end.
-        return point, np.maximum(rep, 0.0)
-
-    def group(cells: np.ndarray) -> dict[str, dict[str, float | None]]:
-        est = {}
-        for j, name in enumerate(("mean_abs_diff", "symmetric_pd", "flip_0_to_1", "flip_1_to_0")):
-            est[name] = _estimate(*ratio(j, cells), confidence)
-        (up_p, up_r), (down_p, down_r) = ratio(2, cells), ratio(3, cells)
-        flip_p = None if up_p is None or down_p is None else up_p + down_p
-        flip_r = None if up_r is None or down_r is None else up_r + down_r
-        est["flip_rate"] = _estimate(flip_p, flip_r, confidence)
-        return est
-
-    all_cells = np.arange(n_cells)
     report: dict[str, Any] = {"rows": int(n), "threshold": float(threshold)}
-    overall = group(all_cells)
-    for name in ("mean_abs_diff", "symmetric_pd", "flip_rate", "flip_0_to_1", "flip_1_to_0"):
-        report[name] = overall[name]
-
+    report.update(stats.estimates(_OVERALL, all_cells, confidence))
     k = max(1, int(round(topk_fraction * n)))
     report["topk_overlap"] = {"fraction": float(topk_fraction), **topk_overlap(a, b, k)}
 
-    by_prob = []
-    for i in range(n_pb):
-        cells = np.arange(i * n_fb, (i + 1) * n_fb)
-        est = group(cells)
-        by_prob.append(
-            {
-                "lo": float(edges[i]),
-                "hi": float(edges[i + 1]),
-                "rows": int(cell_rows[cells].sum()),
-                "mean_abs_diff": est["mean_abs_diff"],
-                "symmetric_pd": est["symmetric_pd"],
-                "flip_rate": est["flip_rate"],
-            }
-        )
-    report["by_probability"] = by_prob
+    def per_bucket(cells: np.ndarray) -> dict[str, dict[str, float | None]]:
+        return stats.estimates(_PER_BUCKET, cells, confidence)
 
-    if fshift is not None:
-        distinct = _distinct_per_bucket(as_numpy(feature_values), fshift, n_fb)
-        by_freq = []
-        for jb in range(n_fb):
-            cells = np.arange(jb, n_cells, n_fb)
-            rows = int(cell_rows[cells].sum())
-            if rows == 0:
-                continue
-            est = group(cells)
-            kb = jb - 1
-            by_freq.append(
-                {
-                    "bucket": _frequency_bucket_label(kb),
-                    "min_count": 0 if kb < 0 else 1 << kb,
-                    "max_count": 0 if kb < 0 else (1 << (kb + 1)) - 1,
-                    "rows": rows,
-                    "distinct_values": int(distinct[jb]),
-                    "mean_abs_diff": est["mean_abs_diff"],
-                    "symmetric_pd": est["symmetric_pd"],
-                    "flip_rate": est["flip_rate"],
-                }
-            )
-        report["by_feature_frequency"] = by_freq
-
+    report["by_probability"] = _bucket_rows(grid, prob, per_bucket)
+    if freq is not None:
+        report["by_feature_frequency"] = _bucket_rows(grid, freq, per_bucket)
     if lab is not None:
-        (lla_p, lla_r), (llb_p, llb_r) = ratio(4, all_cells), ratio(5, all_cells)
         report["labelled"] = {
-            "rows": int(cell_lab.sum()),
-            "log_loss_a": _estimate(lla_p, lla_r, confidence),
-            "log_loss_b": _estimate(llb_p, llb_r, confidence),
-            "log_loss_diff": _estimate(
-                None if lla_p is None or llb_p is None else lla_p - llb_p,
-                None if lla_r is None or llb_r is None else lla_r - llb_r,
-                confidence,
-            ),
+            "rows": int(stats.cell_lab.sum()),
+            **stats.estimates(_LABELLED, all_cells, confidence),
         }
-
     report["bootstrap"] = {
         "replicates": int(bootstrap),
         "seed": int(seed),
