@@ -31,6 +31,7 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from recsys_codistill import atomic, dcp_io, dist
 from recsys_codistill.config import CheckpointConfig
+from recsys_codistill.features import InputMapping
 
 KIND = "checkpoint"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -126,60 +127,123 @@ def load_model_state_dict(model: nn.Module, sd: dict[str, Any]) -> None:
 INPUTS_FILE = "inputs.json"
 
 
-def check_inputs(path: str | Path, inputs: dict[str, Any]) -> None:
+def check_inputs(path: str | Path, inputs: InputMapping) -> None:
     """Raise if checkpoint ``path`` recorded other model inputs than ``inputs`` (older checkpoints, which
     have no record, pass)."""
-    from recsys_codistill.features import check_fingerprint
-
     f = Path(path) / INPUTS_FILE
     if f.is_file():
-        check_fingerprint(json.loads(f.read_text()), inputs, path)
+        inputs.check(json.loads(f.read_text()), path)
+
+
+class ModelState:
+    """The model as a DCP ``Stateful``, under the bare model's keys (wrapped for the pipeline or not)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return model_state_dict(self.model)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        load_model_state_dict(self.model, sd)
+
+    def is_finite(self) -> bool:
+        return state_is_finite(self.state_dict())
+
+
+class OptimizerState:
+    """A TorchRec ``CombinedOptimizer`` (fused sparse state included) as a DCP ``Stateful``."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def prepare_load(self) -> None:
+        # Lazily created state (Adam's moments) does not exist before the first step, and an empty state
+        # loads as "nothing to restore" without a word: create it first (TorchRec's pattern). The dummy
+        # step may move weights (weight decay): DCP copies the saved weights in after every state_dict().
+        for _, sub in getattr(self.optimizer, "optimizers", []):
+            if isinstance(sub, KeyedOptimizerWrapper):
+                sub.init_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(sd)
+
+
+class TrainState:
+    """The step counter (saved in DCP: the same on every rank)."""
+
+    def __init__(self, step: int = 0) -> None:
+        self.step = step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": torch.tensor(self.step)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step = int(sd["step"])
+
+
+class RNGState:
+    """This rank's torch (and CUDA) RNG: a per-rank state, in the rank's own file."""
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0)
+        return {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        torch.set_rng_state(sd["torch_rng"])
+        if torch.cuda.is_available() and sd["cuda_rng"].numel():
+            torch.cuda.set_rng_state(sd["cuda_rng"])
 
 
 class Checkpointer:
-    """Saves and restores (model, optimizer, loader cursor, step, RNG) for one group."""
+    """Saves and restores one group's registered state (torchtitan's CheckpointManager pattern).
+
+    ``register(name, obj)`` adds a ``Stateful`` (``state_dict()`` / ``load_state_dict()``) saved through
+    DCP, resharded on load (model, optimizer, train step); ``register(name, obj, per_rank=True)`` one saved
+    in the rank's own file (loader cursor, RNG), loaded with ``torch.load(weights_only=True)``: tensors and
+    plain values only. New state (an EMA copy, a sampler) registers itself; the loop does not change.
+    """
 
     def __init__(
-        self, ckpt_dir: str | Path, cfg: CheckpointConfig, inputs: dict[str, Any] | None = None
+        self, ckpt_dir: str | Path, cfg: CheckpointConfig, inputs: InputMapping | None = None
     ) -> None:
         self.dir = Path(ckpt_dir)
         self.cfg = cfg
-        # How inputs map to table rows (recsys_codistill.features.input_fingerprint): saved as inputs.json
-        # with every checkpoint and compared on load.
+        # Saved as inputs.json with every checkpoint and compared on load.
         self.inputs = inputs
+        self.states: dict[str, Any] = {}
+        self.rank_states: dict[str, Any] = {}
 
-    def save(
-        self,
-        step: int,
-        model: nn.Module,
-        optimizer: Any,
-        loader_state: dict[str, Any],
-    ) -> Path:
+    def register(self, name: str, obj: Any, *, per_rank: bool = False) -> None:
+        target = self.rank_states if per_rank else self.states
+        if name in self.states or name in self.rank_states:
+            raise ValueError(f"checkpoint state {name!r} registered twice")
+        target[name] = obj
+
+    def should_save(self, step: int, total: int) -> bool:
+        """Periodic checkpoints (``checkpoint.every_steps``); the final one is the caller's."""
+        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0 and step < total
+
+    def save(self, step: int) -> Path:
         """Collective: write checkpoint ``step`` atomically, then prune to ``keep_last``. Refuses (on every
         rank) a model with non-finite weights: a NaN checkpoint would be resumed and served."""
-        state = {"model": model_state_dict(model), "step": torch.tensor(step)}
-        if not dist.all_true(state_is_finite(state["model"])):
+        finite = all(s.is_finite() for s in self.states.values() if hasattr(s, "is_finite"))
+        if not dist.all_true(finite):
             raise NonFiniteError(
                 f"step {step}: the model has NaN or infinite weights; not saving a checkpoint under {self.dir} "
                 "(lower optim.dense_lr / optim.sparse_lr, or check the data)"
             )
-        if optimizer is not None:
-            state["optim"] = optimizer.state_dict()
         rank = dist.rank()
+        per_rank = {name: s.state_dict() for name, s in self.rank_states.items()}
 
         def write(tmp: Path) -> None:
-            dcp_io.save(state, tmp)
-            torch.save(
-                {
-                    "loader": json.dumps(loader_state, sort_keys=True),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0),
-                    "step": torch.tensor(step),
-                },
-                tmp / f"rank{rank:05d}.pt",
-            )
+            dcp_io.save(dict(self.states), tmp)  # DCP calls each Stateful's state_dict()
+            torch.save(per_rank, tmp / f"rank{rank:05d}.pt")
             if rank == 0 and self.inputs is not None:
-                (tmp / INPUTS_FILE).write_text(json.dumps(self.inputs, sort_keys=True))
+                (tmp / INPUTS_FILE).write_text(json.dumps(self.inputs.fingerprint(), sort_keys=True))
 
         # A re-save of an existing step (a resumed run ending where it resumed) replaces it.
         final = atomic.write_collectively(
@@ -195,31 +259,20 @@ class Checkpointer:
         dist.barrier()
         return final
 
-    def load(self, path: str | Path, model: nn.Module, optimizer: Any) -> tuple[int, dict[str, Any]]:
-        """Restore in place; returns (step, this rank's loader state). ``path`` must have been verified
-        (``latest_checkpoint`` does it)."""
+    def load(self, path: str | Path) -> None:
+        """Restore every registered state in place from ``path`` (verified: ``latest_checkpoint`` does it)."""
         path = Path(path)
         if self.inputs is not None:
             check_inputs(path, self.inputs)
-        if optimizer is not None:
-            # Lazily created state (Adam's moments) does not exist before the first step, and an empty
-            # state loads as "nothing to restore" without a word: create it first (TorchRec's pattern).
-            # The dummy step may move weights (weight decay); the model weights are loaded after it.
-            for _, sub in getattr(optimizer, "optimizers", []):
-                if isinstance(sub, KeyedOptimizerWrapper):
-                    sub.init_state()
-        state: dict[str, Any] = {"model": model_state_dict(model), "step": torch.tensor(0)}
-        if optimizer is not None:
-            state["optim"] = optimizer.state_dict()
-        dcp_io.load(state, path)
-        load_model_state_dict(model, state["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optim"])
-        extra = torch.load(path / f"rank{dist.rank():05d}.pt", weights_only=True)
-        torch.set_rng_state(extra["torch_rng"])
-        if torch.cuda.is_available() and extra["cuda_rng"].numel():
-            torch.cuda.set_rng_state(extra["cuda_rng"])
-        return int(state["step"]), json.loads(extra["loader"])
+        for s in self.states.values():
+            if hasattr(s, "prepare_load"):
+                s.prepare_load()
+        dcp_io.load(dict(self.states), path)  # DCP calls state_dict(), fills it, then load_state_dict()
+        saved = torch.load(path / f"rank{dist.rank():05d}.pt", weights_only=True)
+        for name, s in self.rank_states.items():
+            if name not in saved:
+                raise ValueError(f"{path}: rank file has no {name!r} state (saved: {sorted(saved)})")
+            s.load_state_dict(saved[name])
 
     def _choose(self) -> Path | str | None:
         """Rank 0: the checkpoint to resume from, or an error message every rank raises."""
@@ -233,7 +286,7 @@ class Checkpointer:
                     "checkpoint.resume = false"
                 )
             return None
-        saved_world = atomic.read_manifest(path).get("world_size")  # type: ignore[union-attr]
+        saved_world = (atomic.read_manifest(path) or {}).get("world_size")
         if saved_world is not None and saved_world != dist.world_size():
             return (
                 f"checkpoint {path} was written by {saved_world} ranks, this run has {dist.world_size()}; "
@@ -241,19 +294,17 @@ class Checkpointer:
             )
         return path
 
-    def maybe_resume(
-        self, model: nn.Module, optimizer: Any
-    ) -> tuple[int, dict[str, Any] | None, Path | None]:
+    def maybe_resume(self) -> Path | None:
+        """Restore the latest intact checkpoint if ``checkpoint.resume`` and there is one; its path."""
         if not self.cfg.resume:
-            return 0, None, None
+            return None
         # rank 0 decides: every rank must load the same checkpoint
         choice = dist.broadcast_from_rank0(self._choose() if dist.rank() == 0 else None)
         if isinstance(choice, str):
             raise RuntimeError(choice)
-        if choice is None:
-            return 0, None, None
-        step, loader_state = self.load(choice, model, optimizer)
-        return step, loader_state, choice
+        if choice is not None:
+            self.load(choice)
+        return choice
 
 
 def load_model_weights(path: str | Path, model: nn.Module) -> int:
@@ -264,7 +315,6 @@ def load_model_weights(path: str | Path, model: nn.Module) -> int:
     """
     path = Path(path)
     verify_checkpoint(path)
-    state: dict[str, Any] = {"model": model.state_dict(), "step": torch.tensor(0)}
-    dcp_io.load(state, path, single_process=True)
-    model.load_state_dict(state["model"])
-    return int(state["step"])
+    train = TrainState()
+    dcp_io.load({"model": ModelState(model), "train": train}, path, single_process=True)
+    return train.step

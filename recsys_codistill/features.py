@@ -2,7 +2,7 @@
 
 Table sizes, id mapping, dense buckets and the rare-id vocabulary decide which table row an id reaches, so
 training, in-training evaluation, prediction and a peer's teacher copy must all use the same ones:
-:func:`stream_options` is the one place that reads them from a config. The vocabulary is counted once, by
+:class:`InputMapping` is the one place that reads them from a config. The vocabulary is counted once, by
 the launcher on a fresh start, from ``data.train_dir`` and saved as ``<run_dir>/vocab.parquet``; a resumed
 run, ``predict`` and ``eval`` reuse that file unchanged.
 """
@@ -10,6 +10,7 @@ run, ``predict`` and ``eval`` reuse that file unchanged.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,23 +72,61 @@ def load_vocab(cfg: RunConfig) -> IdVocabulary | None:
     return vocab
 
 
-def input_fingerprint(cfg: RunConfig, vocab: IdVocabulary | None) -> dict[str, Any]:
-    """What decides which table row each input reaches; stored with every checkpoint and compared on load,
-    so weights are never paired with another mapping (e.g. id_mapping or table sizes changed on a resume)."""
-    digest = None
-    if vocab is not None:
-        h = hashlib.sha256()
-        for kept in vocab.kept:
-            h.update(len(kept).to_bytes(8, "little"))
-            h.update(kept.astype("<u4").tobytes())
-        digest = h.hexdigest()
-    return {
-        "table_sizes": list(cfg.model.resolved_table_sizes()),
-        "id_mapping": cfg.data.id_mapping,
-        "dense_buckets": cfg.model.dense_buckets,
-        "min_id_count": cfg.data.min_id_count,
-        "vocab_sha256": digest,
-    }
+@dataclass(frozen=True)
+class InputMapping:
+    """How rows become model inputs: the one value that streams, models, predict and teachers receive.
+
+    Table sizes, id mapping, dense buckets and the rare-id vocabulary decide which table row each id
+    reaches; a checkpoint records :meth:`fingerprint` and a load with another mapping is refused, naming the
+    keys that differ.
+    """
+
+    table_sizes: tuple[int, ...]
+    id_mapping: str = "mod"
+    dense_buckets: int = 0
+    vocab: IdVocabulary | None = None
+    min_id_count: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, vocab: IdVocabulary | None = None) -> InputMapping:
+        """The run's mapping; the vocabulary is the one saved with the run unless ``vocab`` is given."""
+        return cls(
+            table_sizes=cfg.model.resolved_table_sizes(),
+            id_mapping=cfg.data.id_mapping,
+            dense_buckets=cfg.model.dense_buckets,
+            vocab=vocab if vocab is not None else load_vocab(cfg),
+            min_id_count=cfg.data.min_id_count,
+        )
+
+    def stream_options(self) -> dict[str, Any]:
+        """``CriteoStream`` keyword arguments."""
+        return {
+            "table_sizes": self.table_sizes,
+            "id_mapping": self.id_mapping,
+            "dense_buckets": self.dense_buckets,
+            "vocab": self.vocab,
+        }
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides which table row each input reaches (JSON), stored with every checkpoint."""
+        digest = None
+        if self.vocab is not None:
+            h = hashlib.sha256()
+            for kept in self.vocab.kept:
+                h.update(len(kept).to_bytes(8, "little"))
+                h.update(kept.astype("<u4").tobytes())
+            digest = h.hexdigest()
+        return {
+            "table_sizes": list(self.table_sizes),
+            "id_mapping": self.id_mapping,
+            "dense_buckets": self.dense_buckets,
+            "min_id_count": self.min_id_count,
+            "vocab_sha256": digest,
+        }
+
+    def check(self, saved: dict[str, Any], where: str | Path) -> None:
+        """Raise ValueError naming every key where ``saved`` (a checkpoint's record) differs from this."""
+        check_fingerprint(saved, self.fingerprint(), where)
 
 
 def check_fingerprint(saved: dict[str, Any], now: dict[str, Any], where: str | Path) -> None:
@@ -98,13 +137,3 @@ def check_fingerprint(saved: dict[str, Any], now: dict[str, Any], where: str | P
             + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             + ". Use the run's original settings (and vocab.parquet), or start a new run directory"
         )
-
-
-def stream_options(cfg: RunConfig, vocab: IdVocabulary | None = None) -> dict[str, Any]:
-    """``CriteoStream`` keyword arguments that map rows to table rows (pass a loaded ``vocab`` to reuse it)."""
-    return {
-        "table_sizes": cfg.model.resolved_table_sizes(),
-        "id_mapping": cfg.data.id_mapping,
-        "dense_buckets": cfg.model.dense_buckets,
-        "vocab": vocab if vocab is not None else load_vocab(cfg),
-    }

@@ -108,13 +108,13 @@ def check_resumable(cfg: RunConfig, vocab: object) -> None:
     """A checkpoint trained under another input mapping must be refused here, before config.toml is
     overwritten (the workers check too, but by then the run's recorded settings would be gone)."""
     from recsys_codistill.checkpoint import check_inputs, latest_checkpoint
-    from recsys_codistill.features import input_fingerprint
+    from recsys_codistill.features import InputMapping
 
     for g in range(cfg.codistill.num_groups):
         ckpt = latest_checkpoint(RunDir(cfg.run_dir).checkpoints(g))
         if ckpt is not None:
             try:
-                check_inputs(ckpt, input_fingerprint(cfg, vocab))  # type: ignore[arg-type]
+                check_inputs(ckpt, InputMapping.from_config(cfg, vocab))  # type: ignore[arg-type]
             except ValueError as e:
                 raise ConfigError(str(e)) from e
 

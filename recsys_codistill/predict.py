@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,9 +24,9 @@ from torch import nn
 
 from data_pipeline.loader import CriteoStream, read_manifest
 from models import build_model
-from recsys_codistill.checkpoint import check_inputs, latest_checkpoint, load_model_weights
+from recsys_codistill.checkpoint import check_inputs, is_wrapped, latest_checkpoint, load_model_weights
 from recsys_codistill.config import RunConfig, load_config, replace
-from recsys_codistill.features import input_fingerprint, load_vocab, stream_options
+from recsys_codistill.features import InputMapping
 from recsys_codistill.sharding import quiet_library_logs
 
 
@@ -48,7 +49,7 @@ def load_run(
     m = cfg.model
     quiet_library_logs()
     model = build_model(**m.build_kwargs(), device=device)
-    check_inputs(ckpt, input_fingerprint(cfg, load_vocab(cfg)))
+    check_inputs(ckpt, InputMapping.from_config(cfg))
     step = load_model_weights(ckpt, model)
     return cfg, model.eval(), step
 
@@ -77,7 +78,45 @@ def dataset_is_labelled(data_dir: str | Path) -> bool:
     return False
 
 
+def _logits(model: nn.Module, batch: Any) -> torch.Tensor:
+    if is_wrapped(model):
+        return model(batch)[1][1].float()  # CodistillTrain: (loss, (parts, logits, labels))
+    return model(batch.dense_features, batch.sparse_features).float()
+
+
 @torch.no_grad()
+def predict_batches(model: nn.Module, stream: CriteoStream, world_size: int = 1) -> dict[str, np.ndarray]:
+    """``row_id``, ``label`` and ``logit`` (float64) of every real row of ``stream``, sorted by row id: the
+    one predictions path of in-training evaluation and ``predict``. With ``world_size > 1`` this is a
+    collective: each rank predicts its share and every rank gets all rows (padding rows dropped)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids, labels, logits = [], [], []
+    for batch in stream:
+        batch = batch.to(device)
+        ids.append(batch.row_ids)
+        labels.append(batch.labels)
+        logits.append(_logits(model, batch))
+    model.train(was_training)
+    local = [torch.cat(x) if x else torch.empty(0, device=device) for x in (ids, labels, logits)]
+    if world_size > 1:
+        gathered = []
+        for t in local:
+            parts = [torch.empty_like(t) for _ in range(world_size)]
+            torch.distributed.all_gather(parts, t.contiguous())
+            gathered.append(torch.cat(parts))
+        local = gathered
+    row_ids, y, z = (t.cpu().numpy() for t in local)
+    keep = row_ids >= 0  # drop padding rows
+    order = np.argsort(row_ids[keep], kind="stable")
+    return {
+        "row_id": row_ids[keep][order],
+        "label": y[keep][order],
+        "logit": z[keep][order].astype(np.float64),
+    }
+
+
 def predict_logits(
     model: nn.Module, cfg: RunConfig, data_dir: str | Path, batch_size: int = 8192
 ) -> dict[str, np.ndarray]:
@@ -86,32 +125,14 @@ def predict_logits(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     labelled = dataset_is_labelled(data_dir)
+    inputs = InputMapping.from_config(cfg)
     stream = CriteoStream(
-        data_dir,
-        batch_size=batch_size,
-        **stream_options(cfg),
-        shuffle=False,
-        drop_last=False,
+        data_dir, batch_size=batch_size, **inputs.stream_options(), shuffle=False, drop_last=False
     )
-    device = next(model.parameters()).device
-    ids, labels, logits = [], [], []
-    for batch in stream:
-        keep = batch.row_ids >= 0
-        batch = batch.to(device)
-        out = model(batch.dense_features, batch.sparse_features).float().cpu()
-        ids.append(batch.row_ids.cpu()[keep])
-        labels.append(batch.labels.cpu()[keep])
-        logits.append(out[keep])
-    row_id = torch.cat(ids).numpy()
-    order = np.argsort(row_id, kind="stable")
-    label = torch.cat(labels).numpy()[order]
-    if not labelled:
-        label = np.full(label.shape, np.nan, dtype=np.float32)  # the loader's 0s stand for missing labels
-    return {
-        "row_id": row_id[order],
-        "label": label,
-        "logit": torch.cat(logits).double().numpy()[order],
-    }
+    pred = predict_batches(model, stream)
+    if not labelled:  # the loader's 0s stand for missing labels
+        pred["label"] = np.full(pred["label"].shape, np.nan, dtype=np.float32)
+    return pred
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -33,19 +33,40 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from recsys_codistill import atomic, dcp_io, dist
 from recsys_codistill.checkpoint import model_state_dict
-from recsys_codistill.config import RunConfig
+from recsys_codistill.config import CodistillConfig
 
 KIND = "teacher_version"
 ROOT_MARKER = ".recsys-codistill-exchange"
 _PREFIX = "step_"
 _POLL_S = 0.05
+
+
+class TeacherSource(Protocol):
+    """What the Trainer asks of a teacher (peers of a codistillation run, a fixed checkpoint, ...).
+
+    Every hook is called on every rank of the group, in this order: ``start`` once before the loop, then per
+    step ``logits`` (inside the step), ``after_step``, ``metrics`` (at log lines) and ``on_checkpoint``
+    (after each periodic checkpoint). Teacher logits carry no gradient.
+    """
+
+    def start(self, model: nn.Module, step: int) -> None: ...
+
+    def logits(self, batch: Any, step: int) -> list[torch.Tensor]:
+        """Teacher logits on this batch (one per teacher); empty when none applies at ``step``."""
+        ...
+
+    def after_step(self, model: nn.Module, step: int) -> None: ...
+
+    def on_checkpoint(self, step: int) -> None: ...
+
+    def metrics(self, step: int) -> dict[str, Any]: ...
 
 
 def version_dir(root: Path, group: int, step: int) -> Path:
@@ -146,14 +167,17 @@ def _rmdir_if_empty(d: Path) -> None:
         pass  # not empty: something we did not make stays
 
 
-class TeacherExchange:
-    """Publishes this group's model and serves the peers' stale copies as frozen teachers."""
+class PeerExchange:
+    """The peers of a codistillation run as a :class:`TeacherSource`: publishes this group's model every K
+    steps and serves the peers' stale copies as frozen teachers."""
 
-    def __init__(self, cfg: RunConfig, group: int, ctx: Any, make_teacher: Callable[[], nn.Module]) -> None:
-        self.cfg = cfg.codistill
+    def __init__(
+        self, cfg: CodistillConfig, root: Path, group: int, ctx: Any, make_teacher: Callable[[], nn.Module]
+    ) -> None:
+        self.cfg = cfg
         self.group = group
         self.ctx = ctx
-        self.root = Path(self.cfg.exchange_dir or Path(cfg.run_dir) / "exchange")
+        self.root = Path(root)
         self.peers = [g for g in range(self.cfg.num_groups) if g != group]
         self.teachers: dict[int, nn.Module] = {}
         self.loaded: dict[int, int] = {}
@@ -271,10 +295,10 @@ class TeacherExchange:
             self.loaded[peer] = target
 
     @torch.no_grad()
-    def teacher_logits(self, batch: Any, step: int) -> list[torch.Tensor] | None:
-        """The peers' logits on this batch, or None during burn-in / with w = 0."""
+    def logits(self, batch: Any, step: int) -> list[torch.Tensor]:
+        """The peers' logits on this batch; none during burn-in / with w = 0."""
         if step < self.cfg.burn_in_steps or self.cfg.distill_weight == 0.0:
-            return None
+            return []
         self._refresh(step)
         return [self.teachers[p](batch.dense_features, batch.sparse_features).float() for p in self.peers]
 
@@ -307,7 +331,7 @@ class TeacherExchange:
         if self._useful(version) and version == step and not intact:
             self.publish(model, step)
 
-    def note_checkpoint(self, step: int) -> None:
+    def on_checkpoint(self, step: int) -> None:
         if self.ctx.rank == 0:
             (self.root / f"group{self.group}" / "checkpoint.json").write_text(json.dumps({"step": step}))
 
@@ -330,7 +354,7 @@ class TeacherExchange:
         except (OSError, ValueError, KeyError):
             return None
 
-    def status(self, step: int) -> dict[str, Any]:
+    def metrics(self, step: int) -> dict[str, Any]:
         if not self.loaded:
             return {"teacher_step": None, "staleness": None}
         oldest = min(self.loaded.values())

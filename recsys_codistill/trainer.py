@@ -1,7 +1,10 @@
-"""One group's training loop (one rank of one torch.distributed world).
+"""One group's training (one rank of one torch.distributed world), in torchtitan's shape.
 
-Read top to bottom: set-up (data, model, sharding, teacher, resume), then the loop, whose phases are
-step → teacher refresh/publish → log → eval → checkpoint.
+``Trainer.__init__`` builds the components: data, sharded model and optimizer, teachers, checkpointer,
+logger and validator; ``train_step(batch)`` is one optimizer step; ``train()`` is the loop, whose phases are
+epoch hooks → step → teachers → log → eval → checkpoint. Each component decides its own interval
+(``should_log``, ``should_validate``, ``should_save``); the teachers plug in through the
+:class:`~recsys_codistill.teacher_exchange.TeacherSource` hooks, so a new kind of teacher needs no change here.
 """
 
 from __future__ import annotations
@@ -9,45 +12,39 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.loader import CriteoStream
-from data_pipeline.vocab import IdVocabulary
 from models import build_model
-from recsys_codistill import dist as dist_helpers
-from recsys_codistill.checkpoint import Checkpointer, NonFiniteError, is_wrapped
-from recsys_codistill.codistill import CodistillTrain, codistill_loss
-from recsys_codistill.config import RunConfig
-from recsys_codistill.features import input_fingerprint, load_vocab, stream_options
+from recsys_codistill import dist
+from recsys_codistill.checkpoint import (
+    Checkpointer,
+    ModelState,
+    NonFiniteError,
+    OptimizerState,
+    RNGState,
+    TrainState,
+)
+from recsys_codistill.codistill import CodistillTrain, LossParts, codistill_loss
+from recsys_codistill.config import OptimConfig, RunConfig
+from recsys_codistill.dist import DistContext
+from recsys_codistill.features import InputMapping
+from recsys_codistill.predict import predict_batches
+from recsys_codistill.run_dir import RunDir
 from recsys_codistill.sharding import plan_summary, reinit_embeddings, shard_model
+from recsys_codistill.teacher_exchange import TeacherSource
+
+__all__ = ["DistContext", "Trainer", "build_sharded", "train"]
 
 
 def group_seed(seed: int, group: int) -> int:
     """Groups of one run start from different weights and see different data orders."""
     return seed * 1_000_003 + group * 7_919
-
-
-def group_dir(run_dir: str | Path, group: int) -> Path:
-    return Path(run_dir) / f"group{group}"
-
-
-@dataclass
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
@@ -88,13 +85,11 @@ def build_sharded(
     )
 
 
-def train_stream(
-    cfg: RunConfig, group: int, ctx: DistContext, vocab: IdVocabulary | None = None
-) -> CriteoStream:
+def train_stream(cfg: RunConfig, group: int, ctx: DistContext, inputs: InputMapping) -> CriteoStream:
     return CriteoStream(
         cfg.data.train_dir,
         batch_size=cfg.data.batch_size // ctx.world_size,
-        **stream_options(cfg, vocab),
+        **inputs.stream_options(),
         group=group,
         num_groups=cfg.codistill.num_groups,
         rank=ctx.rank,
@@ -109,57 +104,19 @@ def train_stream(
 
 
 def eval_stream(
-    cfg: RunConfig,
-    data_dir: str,
-    ctx: DistContext,
-    batch_size: int | None = None,
-    vocab: IdVocabulary | None = None,
+    cfg: RunConfig, data_dir: str, ctx: DistContext, inputs: InputMapping, batch_size: int | None = None
 ) -> CriteoStream:
     """Every row exactly once, in a fixed order; ranks padded to equal batch counts."""
     return CriteoStream(
         data_dir,
         batch_size=batch_size or cfg.data.batch_size // ctx.world_size,
-        **stream_options(cfg, vocab),
+        **inputs.stream_options(),
         rank=ctx.rank,
         world_size=ctx.world_size,
         shuffle=False,
         drop_last=False,
         max_rows=cfg.data.valid_max_rows,
     )
-
-
-@torch.no_grad()
-def predict_stream(model: nn.Module, stream: CriteoStream, ctx: DistContext) -> dict[str, np.ndarray]:
-    """Logits of every real row, gathered on every rank, sorted by row id."""
-    was_training = model.training
-    model.eval()
-    ids, labels, logits = [], [], []
-    for batch in stream:
-        batch = batch.to(ctx.device)
-        if is_wrapped(model):
-            out = model(batch)[1][1].float()  # (loss, (parts, logits, labels))
-        else:
-            out = model(batch.dense_features, batch.sparse_features).float()
-        ids.append(batch.row_ids)
-        labels.append(batch.labels)
-        logits.append(out)
-    model.train(was_training)
-    local = [torch.cat(x) if x else torch.empty(0) for x in (ids, labels, logits)]
-    if ctx.world_size > 1:
-        gathered = []
-        for t in local:
-            parts = [torch.empty_like(t) for _ in range(ctx.world_size)]
-            dist.all_gather(parts, t.contiguous())
-            gathered.append(torch.cat(parts))
-        local = gathered
-    row_ids, y, z = (t.cpu().numpy() for t in local)
-    keep = row_ids >= 0  # drop padding rows
-    order = np.argsort(row_ids[keep], kind="stable")
-    return {
-        "row_id": row_ids[keep][order],
-        "label": y[keep][order],
-        "logit": z[keep][order].astype(np.float64),
-    }
 
 
 def quality(pred: dict[str, np.ndarray]) -> dict[str, float]:
@@ -169,6 +126,7 @@ def quality(pred: dict[str, np.ndarray]) -> dict[str, float]:
     return {**metrics.summary(pred["label"], p), "rows": int(len(p))}
 
 
+# -- components that own their intervals -----------------------------------------------------------------
 def _before(line: str, resume_step: int) -> bool:
     """Whether a metrics.jsonl record stays when resuming at ``resume_step``: results of steps up to it do;
     a re-initialisation logged at ``resume_step`` happens after that checkpoint, so it is replayed."""
@@ -187,7 +145,8 @@ class MetricsLog:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_file():
-                kept = [line for line in path.read_text().splitlines() if line.strip() and _before(line, resume_step)]
+                lines = path.read_text().splitlines()
+                kept = [line for line in lines if line.strip() and _before(line, resume_step)]
                 path.write_text("".join(line + "\n" for line in kept))
             self.f = path.open("a")
 
@@ -197,163 +156,265 @@ class MetricsLog:
             self.f.flush()
 
 
-def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
-    gdir = group_dir(cfg.run_dir, group)
-    seed = group_seed(cfg.train.seed, group)
-    world_batch = cfg.data.batch_size
+class TrainLogger:
+    """Running means of the loss parts between log lines, every ``log_every`` steps and at the end.
 
-    # --- set-up: data, sharded model, optional teacher, resume ------------------------------------------
-    vocab = load_vocab(cfg)  # None unless data.min_id_count; saved by the launcher
-    stream = train_stream(cfg, group, ctx, vocab)
-    total_steps = stream.num_batches()
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    pipelined = use_sparse_dist_pipeline(cfg, ctx)
-    sm = build_sharded(cfg, ctx, seed, wrap=pipelined)
-    model, optimizer = sm.model, sm.optimizer
-    if ctx.is_main:
-        print(f"[group {group}] {plan_summary(sm.plan)}", flush=True)
+    The sums stay tensors (no per-step host sync, which matters on GPU); the host reads them only when a
+    line is written. A non-finite loss stops training on every rank at that line."""
 
-    exchange = None
-    if cfg.codistill.num_groups > 1:
-        from recsys_codistill.teacher_exchange import TeacherExchange
+    def __init__(
+        self, log: MetricsLog, every: int, total: int, world_batch: int, group: int, step: int
+    ) -> None:
+        self.log, self.every, self.total, self.world_batch, self.group = log, every, total, world_batch, group
+        self.t_last, self.step_last = time.perf_counter(), step
+        self.sums: list[Any] = [0.0, 0.0, 0.0]
 
-        exchange = TeacherExchange(
-            cfg, group, ctx, lambda: build_sharded(cfg, ctx, seed, frozen=True, plan=sm.plan).model
+    def add(self, parts: LossParts) -> None:
+        for i, t in enumerate((parts.total, parts.bce, parts.distill)):
+            self.sums[i] += t.detach()
+
+    def should_log(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
+
+    def record(self, step: int, lr: float, extra: dict[str, Any]) -> dict[str, Any]:
+        now = time.perf_counter()
+        n = step - self.step_last
+        loss, bce, distill = (float(x) / n for x in self.sums)
+        rec = {
+            "step": step,
+            "loss": loss,
+            "bce": bce,
+            "distill": distill,
+            "examples_per_s": n * self.world_batch / (now - self.t_last),
+            "lr": lr,
+            **extra,
+        }
+        self.log.write(**rec)
+        self.t_last, self.step_last, self.sums = now, step, [0.0, 0.0, 0.0]
+        # every rank agrees, or the ranks that did not see it would hang in the next collective
+        if not dist.all_true(math.isfinite(loss)):
+            raise NonFiniteError(
+                f"group {self.group}: the training loss became non-finite by step {step} (NaN or inf; last "
+                f"logged loss {loss}); stopping without saving. Lower optim.dense_lr / optim.sparse_lr or "
+                "check the data"
+            )
+        return rec
+
+
+class Validator:
+    """Validation metrics on a fixed stream every ``eval_every`` steps (the final one is the trainer's)."""
+
+    def __init__(self, stream: CriteoStream | None, every: int, total: int, world_size: int) -> None:
+        self.stream, self.every, self.total, self.world_size = stream, every, total, world_size
+
+    def should_validate(self, step: int) -> bool:
+        return self.stream is not None and bool(self.every) and step % self.every == 0 and step < self.total
+
+    def run(self, model: nn.Module) -> dict[str, float]:
+        assert self.stream is not None
+        return quality(predict_batches(model, self.stream, self.world_size))
+
+
+class LRSchedule:
+    """Warm-up and decay of every parameter group's learning rate (``optim.warmup_steps``, ``decay``)."""
+
+    def __init__(self, optimizer: Any, cfg: OptimConfig, total: int) -> None:
+        self.optimizer, self.cfg, self.total = optimizer, cfg, total
+        self.base = [g["lr"] for g in optimizer.param_groups]
+
+    def apply(self, step: int) -> None:
+        # The fused optimizer pushes param_groups' lr into its kernel at zero_grad, before backward.
+        factor = lr_factor(step, self.total, self.cfg.warmup_steps, self.cfg.decay)
+        for g, lr in zip(self.optimizer.param_groups, self.base, strict=True):
+            g["lr"] = lr * factor
+
+
+class EpochReinit:
+    """``train.reinit_embeddings_each_epoch`` (Fan et al. 2023): fresh tables at every epoch after the
+    first; the dense layers keep what they learned. Batches run across epoch ends, so a step belongs to the
+    epoch of its first row."""
+
+    def __init__(self, enabled: bool, stream: CriteoStream, seed: int) -> None:
+        self.enabled, self.stream, self.seed = enabled, stream, seed
+
+    def epoch_of(self, step: int) -> int:
+        return step * self.stream.batch_size // self.stream.epoch_rows
+
+    def maybe_reinit(self, step: int, model: nn.Module, optimizer: Any) -> int | None:
+        if not self.enabled or step == 0 or (epoch := self.epoch_of(step)) <= self.epoch_of(step - 1):
+            return None
+        reinit_embeddings(model, optimizer, self.seed + 104_729 * epoch)
+        return epoch
+
+
+class StreamState:
+    """The loader's cursor at the train state's step, as a per-rank checkpoint state. A state at a step,
+    not the stream's own cursor: TorchRec's train pipeline reads batches ahead."""
+
+    def __init__(self, stream: CriteoStream, train_state: TrainState) -> None:
+        self.stream, self.train_state = stream, train_state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": json.dumps(self.stream.state_at(self.train_state.step), sort_keys=True)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.stream.load_state_dict(json.loads(sd["loader"]))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, group: int, ctx: DistContext) -> None:
+        self.cfg, self.group, self.ctx = cfg, group, ctx
+        run = RunDir(cfg.run_dir)
+        seed = group_seed(cfg.train.seed, group)
+
+        # data: the input mapping (with the vocabulary the launcher saved) is shared by every stream
+        self.inputs = InputMapping.from_config(cfg)
+        self.stream = train_stream(cfg, group, ctx, self.inputs)
+        self.total_steps = self.stream.num_batches()
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+
+        # model and optimizer, sharded by DMP
+        self.pipelined = use_sparse_dist_pipeline(cfg, ctx)
+        sm = build_sharded(cfg, ctx, seed, wrap=self.pipelined)
+        self.model, self.optimizer = sm.model, sm.optimizer
+        if ctx.is_main:
+            print(f"[group {group}] {plan_summary(sm.plan)}", flush=True)
+
+        # teachers: today the peers of a codistillation run (the loop only knows the TeacherSource hooks)
+        self.teachers: list[TeacherSource] = []
+        if cfg.codistill.num_groups > 1:
+            from recsys_codistill.teacher_exchange import PeerExchange
+
+            self.teachers.append(
+                PeerExchange(
+                    cfg.codistill,
+                    run.exchange(cfg.codistill.exchange_dir),
+                    group,
+                    ctx,
+                    lambda: build_sharded(cfg, ctx, seed, frozen=True, plan=sm.plan).model,
+                )
+            )
+
+        # the lr schedule scales the optimizer's initial rates (captured before a resume overwrites them)
+        self.lr = LRSchedule(self.optimizer, cfg.optim, self.total_steps)
+
+        # checkpoint: a registry of Stateful objects; resume restores them all
+        self.state = TrainState()
+        self.checkpointer = Checkpointer(run.checkpoints(group), cfg.checkpoint, inputs=self.inputs)
+        self.checkpointer.register("model", ModelState(self.model))
+        self.checkpointer.register("optim", OptimizerState(self.optimizer))
+        self.checkpointer.register("train", self.state)
+        self.checkpointer.register("stream", StreamState(self.stream, self.state), per_rank=True)
+        self.checkpointer.register("rng", RNGState(), per_rank=True)
+        resumed_from = self.checkpointer.maybe_resume()
+
+        log = MetricsLog(run.metrics(group), ctx.is_main, resume_step=self.state.step)
+        if resumed_from is not None and ctx.is_main:
+            print(f"[group {group}] resumed from {resumed_from} at step {self.state.step}", flush=True)
+            log.write(event="resume", step=self.state.step, path=str(resumed_from))
+        self.metrics_log = log
+        self.logger = TrainLogger(
+            log, cfg.train.log_every, self.total_steps, cfg.data.batch_size, group, self.state.step
         )
+        valid = eval_stream(cfg, cfg.data.valid_dir, ctx, self.inputs) if cfg.data.valid_dir else None
+        self.validator = Validator(valid, cfg.train.eval_every, self.total_steps, ctx.world_size)
+        self.reinit = EpochReinit(cfg.train.reinit_embeddings_each_epoch, self.stream, seed)
+        self.run_dir = run
 
-    ckpt = Checkpointer(gdir / "checkpoints", cfg.checkpoint, inputs=input_fingerprint(cfg, vocab))
-    step, loader_state, resumed_from = ckpt.maybe_resume(model, optimizer)
-    if loader_state is not None:
-        stream.load_state_dict(loader_state)
-    log = MetricsLog(gdir / "metrics.jsonl", ctx.is_main, resume_step=step)
-    if resumed_from is not None and ctx.is_main:
-        print(f"[group {group}] resumed from {resumed_from} at step {step}", flush=True)
-        log.write(event="resume", step=step, path=str(resumed_from))
+    def train_step(self, batch: Any) -> LossParts:
+        """Forward the student (and the teachers past burn-in), backward (the fused sparse update runs
+        inside it), dense update."""
+        step = self.state.step
+        teacher_logits = [z for t in self.teachers for z in t.logits(batch, step)]
+        logits = self.model(batch.dense_features, batch.sparse_features)
+        parts = codistill_loss(logits, teacher_logits, batch.labels, self.cfg.codistill)
+        self.optimizer.zero_grad()
+        parts.total.backward()
+        self.optimizer.step()
+        return parts
 
-    if exchange is not None:
-        exchange.start(model, step)
-
-    valid = eval_stream(cfg, cfg.data.valid_dir, ctx, vocab=vocab) if cfg.data.valid_dir else None
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    bar = None
-    if ctx.is_main and cfg.train.progress:
+    def _progress(self):  # noqa: ANN202
+        if not (self.ctx.is_main and self.cfg.train.progress):
+            return None
         from tqdm import tqdm
 
-        # one line per group on the same terminal (each group is its own torchrun)
-        bar = tqdm(
-            total=total_steps,
-            initial=step,
-            desc=f"group {group}",
+        # one line per group on the same terminal (each group is its own world)
+        return tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            desc=f"group {self.group}",
             unit="step",
             dynamic_ncols=True,
-            position=group,
+            position=self.group,
         )
 
-    # --- the loop --------------------------------------------------------------------------------------
-    model.train()
-    t_last, step_last = time.perf_counter(), step
-    sum_loss = sum_bce = sum_distill = 0.0
-    it = iter(stream)
-    pipeline = None
-    if pipelined:
-        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    def train(self) -> dict[str, Any]:
+        it, pipeline, bar = iter(self.stream), None, self._progress()
+        if self.pipelined:
+            from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-        # Copies batch i+2 to the device and runs batch i+1's input all-to-all while batch i computes.
-        # It reads ahead, which is why checkpoints store stream.state_at(step), not the stream's cursor.
-        pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device)
-    def epoch_of(s: int) -> int:
-        return s * stream.batch_size // stream.epoch_rows
-
-    while step < total_steps:
-        # new epoch: optionally fresh embedding tables (the dense layers keep what they learned). Batches
-        # run across epoch ends, so a step belongs to the epoch of its first row.
-        if cfg.train.reinit_embeddings_each_epoch and step > 0 and (epoch := epoch_of(step)) > epoch_of(step - 1):
-            reinit_embeddings(model, optimizer, seed + 104_729 * epoch)
-            if ctx.is_main:
-                log.write(event="reinit_embeddings", step=step, epoch=epoch)
-        # step: forward student (and teacher past burn-in), backward (fused sparse update), dense update.
-        # The fused optimizer pushes param_groups' lr into its kernel at zero_grad, before backward.
-        factor = lr_factor(step, total_steps, cfg.optim.warmup_steps, cfg.optim.decay)
-        for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            g["lr"] = lr * factor
-        if pipeline is not None:
-            parts, _, _ = pipeline.progress(it)  # zero_grad, forward, backward, optimizer.step inside
-        else:
-            batch = next(it).to(ctx.device, non_blocking=True)
-            teacher_logits = exchange.teacher_logits(batch, step) if exchange is not None else None
-            logits = model(batch.dense_features, batch.sparse_features)
-            parts = codistill_loss(logits, teacher_logits, batch.labels, cfg.codistill)
-            optimizer.zero_grad()
-            parts.total.backward()
-            optimizer.step()
-        step += 1
-        # running sums stay tensors: no per-step host sync (it matters on GPU)
-        sum_loss += parts.total.detach()
-        sum_bce += parts.bce.detach()
-        sum_distill += parts.distill.detach()
-
-        # teacher exchange: publish this group's model every K steps for the peers.
-        if exchange is not None:
-            exchange.after_step(model, step)
-
-        # log: rank 0's running means since the last log line.
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            now = time.perf_counter()
-            n = step - step_last
-            rec = {
-                "step": step,
-                "loss": float(sum_loss) / n,
-                "bce": float(sum_bce) / n,
-                "distill": float(sum_distill) / n,
-                "examples_per_s": n * world_batch / (now - t_last),
-                "lr": optimizer.param_groups[-1]["lr"],
-            }
-            if exchange is not None:
-                rec.update(exchange.status(step))
-            log.write(**rec)
-            # every rank agrees, or the ranks that did not see it would hang in the next collective
-            if not dist_helpers.all_true(math.isfinite(rec["loss"])):
-                raise NonFiniteError(
-                    f"group {group}: the training loss became non-finite by step {step} (NaN or inf; last "
-                    f"logged loss {rec['loss']}); stopping without saving. Lower optim.dense_lr / "
-                    "optim.sparse_lr or check the data"
-                )
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
-            t_last, step_last = now, step
-            sum_loss = sum_bce = sum_distill = 0.0
-        if bar is not None:
-            bar.update(1)
-
-        # eval: validation metrics at an interval.
-        if (
-            valid is not None
-            and cfg.train.eval_every
-            and step % cfg.train.eval_every == 0
-            and step < total_steps
-        ):
+            # Copies batch i+2 to the device and runs batch i+1's input all-to-all while batch i computes.
+            # (No teachers on this path: the pipeline traces a forward whose only input is the batch.)
+            pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.ctx.device)
+        for teacher in self.teachers:
+            teacher.start(self.model, self.state.step)
+        self.model.train()
+        while self.state.step < self.total_steps:
+            # epoch hooks: optionally fresh embedding tables at an epoch boundary
+            epoch = self.reinit.maybe_reinit(self.state.step, self.model, self.optimizer)
+            if epoch is not None:
+                self.metrics_log.write(event="reinit_embeddings", step=self.state.step, epoch=epoch)
+            # step: schedule the lr, then one optimizer step (the pipeline's zero_grad/fwd/bwd/step inside)
+            self.lr.apply(self.state.step)
             if pipeline is not None:
-                pipeline.detach()  # restore the sharded modules' own forward for evaluation
-            q = quality(predict_stream(model, valid, ctx))
-            log.write(step=step, **{f"valid_{k}": v for k, v in q.items()})
+                parts = pipeline.progress(it)[0]
+            else:
+                parts = self.train_step(next(it).to(self.ctx.device, non_blocking=True))
+            self.state.step += 1
+            step = self.state.step
+            self.logger.add(parts)
+            # teachers: publish this group's model for the peers, every K steps
+            for teacher in self.teachers:
+                teacher.after_step(self.model, step)
+            # log: running means since the last line
+            if self.logger.should_log(step):
+                extra = {k: v for t in self.teachers for k, v in t.metrics(step).items()}
+                rec = self.logger.record(step, self.optimizer.param_groups[-1]["lr"], extra)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            # eval: validation metrics at an interval
+            if self.validator.should_validate(step):
+                if pipeline is not None:
+                    pipeline.detach()  # restore the sharded modules' own forward for evaluation
+                q = self.validator.run(self.model)
+                self.metrics_log.write(step=step, **{f"valid_{k}": v for k, v in q.items()})
+            # checkpoint: periodically (the final one is written below)
+            if self.checkpointer.should_save(step, self.total_steps):
+                self.checkpointer.save(step)
+                for teacher in self.teachers:
+                    teacher.on_checkpoint(step)
+        if bar is not None:
+            bar.close()
+        if pipeline is not None:
+            pipeline.detach()
+        return self.finish()
 
-        # checkpoint: periodically (the final one is written below).
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
-            ckpt.save(step, model, optimizer, stream.state_at(step))
-            if exchange is not None:
-                exchange.note_checkpoint(step)
+    def finish(self) -> dict[str, Any]:
+        """The final checkpoint and validation; ``result.json``."""
+        step = self.state.step
+        final = self.checkpointer.save(step)
+        result: dict[str, Any] = {"group": self.group, "step": step, "checkpoint": str(final)}
+        if self.validator.stream is not None:
+            q = quality(predict_batches(self.model, self.validator.stream, self.ctx.world_size))
+            self.metrics_log.write(step=step, final=True, **{f"valid_{k}": v for k, v in q.items()})
+            result.update({f"valid_{k}": v for k, v in q.items()})
+        if self.ctx.is_main:
+            self.run_dir.result(self.group).write_text(json.dumps(result, indent=2))
+        return result
 
-    if bar is not None:
-        bar.close()
-    if pipeline is not None:
-        pipeline.detach()
-    final = ckpt.save(step, model, optimizer, stream.state_at(step))
-    result: dict[str, Any] = {"group": group, "step": step, "checkpoint": str(final)}
-    if valid is not None:
-        q = quality(predict_stream(model, valid, ctx))
-        log.write(step=step, final=True, **{f"valid_{k}": v for k, v in q.items()})
-        result.update({f"valid_{k}": v for k, v in q.items()})
-    if ctx.is_main:
-        (gdir / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+
+def train(cfg: RunConfig, group: int, ctx: DistContext) -> dict[str, Any]:
+    return Trainer(cfg, group, ctx).train()

@@ -124,10 +124,10 @@ def test_a_killed_rank_restarts_from_its_checkpoint_and_the_run_completes(data, 
 
 def _exchange(tmp_path: Path, **codistill):  # noqa: ANN202
     from recsys_codistill.config import CodistillConfig
-    from recsys_codistill.teacher_exchange import TeacherExchange
+    from recsys_codistill.teacher_exchange import PeerExchange
     from recsys_codistill.trainer import DistContext
 
-    ex = TeacherExchange.__new__(TeacherExchange)  # version choice needs no model
+    ex = PeerExchange.__new__(PeerExchange)  # version choice needs no model
     ex.cfg = CodistillConfig(num_groups=2, **codistill)
     ex.root, ex.group, ex.wait_seconds = tmp_path, 0, 0.0
     ex.peers, ex.good, ex.bad = [1], {1: set()}, {1: set()}
