@@ -18,6 +18,9 @@ gets no label metrics: ``base_rate``, ``auc``, ``log_loss``, ``normalized_entrop
 are None and ``label_metrics`` says why; churn between files needs no labels and is still computed.
 
 :func:`format_table` renders it as plain text, :func:`write_json` saves it.
+
+:func:`ensemble_probabilities` / :func:`ensemble_logits` are the one ensemble of the project (the paper's
+ensemble row: the mean of the members' probabilities), used by ``predict`` and by the study.
 """
 
 from __future__ import annotations
@@ -36,7 +39,15 @@ import pyarrow.parquet as pq
 from recsys_codistill import metrics
 from recsys_codistill.churn import align, check_threshold, churn_report
 
-__all__ = ["EVAL_SCHEMA", "evaluate", "format_table", "load_predictions", "write_json"]
+__all__ = [
+    "EVAL_SCHEMA",
+    "ensemble_logits",
+    "ensemble_probabilities",
+    "evaluate",
+    "format_table",
+    "load_predictions",
+    "write_json",
+]
 
 EVAL_SCHEMA = "recsys_codistill.eval/1"
 PRED_COLUMNS: tuple[str, ...] = ("row_id", "label", "probability")
@@ -93,6 +104,48 @@ def load_predictions(path: str | Path) -> Predictions:
     if np.any((lab != 0) & (lab != 1)):
         raise ValueError(f"predictions file {path}: column 'label' must be 0/1 or null")
     return Predictions(path, row_id, label, prob)
+
+
+def ensemble_probabilities(member_probabilities: Sequence[Any]) -> np.ndarray:
+    """Row-wise mean of the members' predicted probabilities (the paper's ensemble).
+
+    Parameters
+    ----------
+    member_probabilities : sequence of array-like of shape (n_rows,)
+        One probability vector per member, all on the same rows in the same order.
+
+    Returns
+    -------
+    numpy.ndarray of shape (n_rows,)
+        The ensemble's probabilities.
+    """
+    members = list(member_probabilities)
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    sizes = {np.shape(m) for m in members}
+    if len(sizes) > 1:
+        raise ValueError(f"ensemble members have different shapes: {sorted(sizes)}")
+    return np.mean(members, axis=0)
+
+
+def ensemble_logits(member_logits: Sequence[Any]) -> np.ndarray:
+    """The ensemble of members given as logits, as a logit: ``logit(mean(sigmoid(z_i)))``.
+
+    Probabilities are averaged (:func:`ensemble_probabilities`), not logits, and the mean is clipped to
+    ``[1e-12, 1 - 1e-12]`` before the log-odds (:func:`~recsys_codistill.metrics.logit`), so the result is
+    finite.
+
+    Parameters
+    ----------
+    member_logits : sequence of array-like of shape (n_rows,)
+        One logit vector per member, all on the same rows in the same order.
+
+    Returns
+    -------
+    numpy.ndarray of shape (n_rows,)
+        The ensemble's logits.
+    """
+    return metrics.logit(ensemble_probabilities([metrics.sigmoid(z) for z in member_logits]))
 
 
 def _model_metrics(name: str, pred: Predictions, warnings: list[str]) -> dict[str, Any]:
@@ -197,20 +250,33 @@ def evaluate(
 ) -> dict[str, Any]:
     """Per-model metrics for each file and churn (with bootstrap CIs) for every pair of files.
 
-    Args:
-        pred_paths: prediction Parquet files (one per model), all on the same row ids for churn.
-        names: display names (default: file stems, disambiguated by parent directory).
-        threshold: flip threshold, a finite number in (0, 1); None uses the base rate of the first
-            file's labels (0.5, with a warning, if it has none or they are all of one class).
-        bootstrap, seed: bootstrap replicates and seed for :func:`~recsys_codistill.churn.churn_report`.
-        data_dir: optional ingested Parquet directory (``manifest.json`` + shards with ``row_id`` and
-            ``C1..C26``); adds churn per frequency bucket of ``feature``, frequency counted over all
-            rows of ``data_dir``.
-        feature: categorical column for the frequency buckets.
+    Parameters
+    ----------
+    pred_paths : sequence of path
+        Prediction Parquet files (one per model), all on the same row ids for churn.
+    names : sequence of str, optional
+        Display names (default: file stems, disambiguated by parent directory).
+    threshold : float, optional
+        Flip threshold, a finite number in (0, 1); None uses the base rate of the first file's labels
+        (0.5, with a warning, if it has none or they are all of one class).
+    bootstrap, seed : int
+        Bootstrap replicates and seed for :func:`~recsys_codistill.churn.churn_report`.
+    data_dir : path, optional
+        Ingested Parquet directory (``manifest.json`` + shards with ``row_id`` and ``C1..C26``); adds
+        churn per frequency bucket of ``feature``, frequency counted over all rows of ``data_dir``.
+    feature : str, default "C1"
+        Categorical column for the frequency buckets.
 
-    Raises FileNotFoundError / ValueError naming the file (and column) at fault, ValueError when two
-    files' row ids differ (churn needs identical rows) or when ``threshold``, ``bootstrap`` or ``seed`` is
-    out of range.
+    Returns
+    -------
+    dict
+        The ``recsys_codistill.eval/1`` result described in the module docstring.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming the file (and column) at fault; ValueError also when two files' row ids differ (churn
+        needs identical rows) or when ``threshold``, ``bootstrap`` or ``seed`` is out of range.
     """
     paths = [Path(p) for p in pred_paths]
     if not paths:
@@ -368,7 +434,8 @@ def format_table(result: dict[str, Any]) -> str:
         out.append("")
         out.append(
             f"Churn (threshold {_fmt(result.get('threshold'))}, {result.get('threshold_source', '')}; "
-            f"95% paired bootstrap CIs, {boot.get('replicates', '?')} replicates, seed {boot.get('seed', '?')})"
+            f"95% paired bootstrap CIs, {boot.get('replicates', '?')} replicates, "
+            f"seed {boot.get('seed', '?')})"
         )
         out.append(
             _table(

@@ -26,7 +26,9 @@ from data_pipeline.loader import CriteoStream, read_manifest
 from models import build_model
 from recsys_codistill.checkpoint import check_inputs, is_wrapped, latest_checkpoint, load_model_weights
 from recsys_codistill.config import RunConfig, load_config, replace
+from recsys_codistill.evaluation import ensemble_logits
 from recsys_codistill.features import InputMapping
+from recsys_codistill.metrics import sigmoid as _sigmoid
 from recsys_codistill.sharding import quiet_library_logs
 
 
@@ -135,12 +137,6 @@ def predict_logits(
     return pred
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    # exp(-z) overflows to inf for z < -709, which still gives the right limit 0: silence only that.
-    with np.errstate(over="ignore"):
-        return 1.0 / (1.0 + np.exp(-z))
-
-
 def check_finite(logit: np.ndarray, what: str) -> None:
     """Refuse non-finite logits: a NaN/inf model output (diverged training, damaged weights) must never be
     served as a probability."""
@@ -214,15 +210,13 @@ def predict(
         for i, m in enumerate(members)
     ]
     # The ensemble averages probabilities (the paper's ensemble row), stored as the logit of the mean.
-    p = np.mean([_sigmoid(m["logit"]) for m in members], axis=0)
-    p = np.clip(p, 1e-12, 1 - 1e-12)
     written.insert(
         0,
         write_predictions(
             out,
             members[0]["row_id"],
             members[0]["label"],
-            np.log(p) - np.log1p(-p),
+            ensemble_logits([m["logit"] for m in members]),
             what=f"ensemble of {len(runs)} runs",
         ),
     )
