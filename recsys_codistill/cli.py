@@ -152,7 +152,9 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recsys-codistill", description="Sparse CTR training with online codistillation")
+    p = argparse.ArgumentParser(
+        prog="recsys-codistill", description="Sparse CTR training with online codistillation"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write a synthetic Criteo-format data set with a known optimum")

@@ -575,8 +575,9 @@ def to_toml(cfg: RunConfig) -> str:
 
 
 def save_resolved(cfg: RunConfig, run_dir: str | Path) -> Path:
-    p = Path(run_dir)
-    p.mkdir(parents=True, exist_ok=True)
-    out = p / "config.toml"
+    from recsys_codistill.run_dir import RunDir
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    out = RunDir(run_dir).config
     out.write_text(to_toml(cfg))
     return out

@@ -17,12 +17,11 @@ from typing import Any
 from data_pipeline import vocab as vocab_lib
 from data_pipeline.vocab import IdVocabulary
 from recsys_codistill.config import ConfigError, RunConfig
-
-VOCAB_FILE = "vocab.parquet"
+from recsys_codistill.run_dir import RunDir
 
 
 def vocab_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / VOCAB_FILE
+    return RunDir(run_dir).vocab
 
 
 def prepare_vocab(cfg: RunConfig, *, fresh: bool) -> IdVocabulary | None:

@@ -29,6 +29,7 @@ from recsys_codistill.config import RunConfig, load_config, replace
 from recsys_codistill.evaluation import ensemble_logits
 from recsys_codistill.features import InputMapping
 from recsys_codistill.metrics import sigmoid as _sigmoid
+from recsys_codistill.run_dir import RunDir
 from recsys_codistill.sharding import quiet_library_logs
 
 
@@ -37,7 +38,8 @@ def load_run(
 ) -> tuple[RunConfig, nn.Module, int]:
     """(config, model with the latest checkpoint's weights, its step) of ``run_dir/group{group}``."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.toml"
+    rd = RunDir(run_dir)
+    cfg_path = rd.config
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a training run directory?")
     # The run directory may have moved since training: files saved with the run are found from here.
@@ -45,9 +47,9 @@ def load_run(
     if not 0 <= group < cfg.codistill.num_groups:
         n = cfg.codistill.num_groups
         raise ValueError(f"{run_dir} trained {n} group(s), numbered 0..{n - 1}; it has no group {group}")
-    ckpt = latest_checkpoint(run_dir / f"group{group}" / "checkpoints")
+    ckpt = latest_checkpoint(rd.checkpoints(group))
     if ckpt is None:
-        raise FileNotFoundError(f"no complete checkpoint under {run_dir / f'group{group}' / 'checkpoints'}")
+        raise FileNotFoundError(f"no intact checkpoint under {rd.checkpoints(group)}")
     m = cfg.model
     quiet_library_logs()
     model = build_model(**m.build_kwargs(), device=device)

@@ -29,6 +29,10 @@ class RunDir:
         return self.root / "config.toml"
 
     @property
+    def vocab(self) -> Path:
+        return self.root / "vocab.parquet"
+
+    @property
     def lock_file(self) -> Path:
         return self.root / ".lock"
 

@@ -44,8 +44,10 @@ from recsys_codistill.config import CodistillConfig
 
 KIND = "teacher_version"
 ROOT_MARKER = ".recsys-codistill-exchange"
+_GROUP_PREFIX = "group"
 _PREFIX = "step_"
 _POLL_S = 0.05
+_CHECKPOINT_NOTE = "checkpoint.json"
 
 
 class TeacherSource(Protocol):
@@ -69,8 +71,13 @@ class TeacherSource(Protocol):
     def metrics(self, step: int) -> dict[str, Any]: ...
 
 
+def group_dir(root: Path, group: int) -> Path:
+    """One group's versions under an exchange root (this module owns the exchange layout)."""
+    return root / f"{_GROUP_PREFIX}{group}"
+
+
 def version_dir(root: Path, group: int, step: int) -> Path:
-    return root / f"group{group}" / f"{_PREFIX}{step:08d}"
+    return group_dir(root, group) / f"{_PREFIX}{step:08d}"
 
 
 def verify_version(path: Path, group: int, step: int, verify_checksums: bool = True) -> dict[str, Any]:
@@ -82,7 +89,8 @@ def verify_version(path: Path, group: int, step: int, verify_checksums: bool = T
 def is_complete(path: Path, verify_checksums: bool = True) -> bool:
     """A version is complete iff its manifest verifies for the group and step its path names."""
     try:
-        group, step = int(path.parent.name.removeprefix("group")), int(path.name.removeprefix(_PREFIX))
+        group = int(path.parent.name.removeprefix(_GROUP_PREFIX))
+        step = int(path.name.removeprefix(_PREFIX))
         verify_version(path, group, step, verify_checksums)
     except (ValueError, atomic.DamagedDirectory):
         return False
@@ -90,7 +98,7 @@ def is_complete(path: Path, verify_checksums: bool = True) -> bool:
 
 
 def complete_versions(root: Path, group: int, verify_checksums: bool = False) -> list[int]:
-    d = root / f"group{group}"
+    d = group_dir(root, group)
     if not d.is_dir():
         return []
     steps = []
@@ -143,14 +151,14 @@ def clear_versions(root: Path, num_groups: int) -> list[Path]:
     if not (root / ROOT_MARKER).is_file():
         return removed
     for g in range(num_groups):
-        d = root / f"group{g}"
+        d = group_dir(root, g)
         if not d.is_dir() or d.is_symlink():
             continue
         for p in sorted(d.iterdir()):
             if p.name.startswith((_PREFIX, atomic.TMP_PREFIX + _PREFIX, atomic.OLD_PREFIX + _PREFIX)):
                 if atomic.remove_owned(p, KIND):
                     removed.append(p)
-        note = d / "checkpoint.json"
+        note = d / _CHECKPOINT_NOTE
         if note.is_file() and not note.is_symlink():
             note.unlink()
         _rmdir_if_empty(d)
@@ -187,7 +195,7 @@ class PeerExchange:
         self.wait_seconds = 0.0
         self.good: dict[int, set[int]] = {p: set() for p in self.peers}
         self.bad: dict[int, set[int]] = {p: set() for p in self.peers}
-        (self.root / f"group{group}").mkdir(parents=True, exist_ok=True)
+        group_dir(self.root, group).mkdir(parents=True, exist_ok=True)
         # Frozen copies with the student's plan, built up front (outside no_grad: DMP's fused kernels
         # are set up through autograd hooks). Their weights come from the first loaded version.
         for peer in self.peers:
@@ -243,7 +251,7 @@ class PeerExchange:
 
     def _why_waiting(self, peer: int, step: int) -> str:
         """What is under the peer's directory and why none of it serves (for the timeout message)."""
-        d = self.root / f"group{peer}"
+        d = group_dir(self.root, peer)
         found = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
         notes = [f"found {found[-5:] or 'nothing'}"]
         for v in sorted(self.bad[peer])[-3:]:
@@ -269,7 +277,7 @@ class PeerExchange:
                 why = self._why_waiting(peer, step) if self.ctx.rank == 0 else ""
                 raise RuntimeError(
                     f"group {self.group} waited {waited:.0f}s at step {step} for a teacher version of group "
-                    f"{peer} under {self.root / f'group{peer}'} ({self.cfg.exchange_mode}): {why}; is group "
+                    f"{peer} under {group_dir(self.root, peer)} ({self.cfg.exchange_mode}): {why}; is group "
                     f"{peer} running? (codistill.wait_timeout_s)"
                 )
             time.sleep(_POLL_S)
@@ -333,7 +341,7 @@ class PeerExchange:
 
     def on_checkpoint(self, step: int) -> None:
         if self.ctx.rank == 0:
-            (self.root / f"group{self.group}" / "checkpoint.json").write_text(json.dumps({"step": step}))
+            (group_dir(self.root, self.group) / _CHECKPOINT_NOTE).write_text(json.dumps({"step": step}))
 
     def _gc(self) -> None:
         versions = complete_versions(self.root, self.group)
@@ -350,7 +358,7 @@ class PeerExchange:
     def _peer_checkpoint(self, peer: int) -> int | None:
         """The peer's latest checkpoint step, or None if it keeps none (then it cannot replay anyway)."""
         try:
-            return int(json.loads((self.root / f"group{peer}" / "checkpoint.json").read_text())["step"])
+            return int(json.loads((group_dir(self.root, peer) / _CHECKPOINT_NOTE).read_text())["step"])
         except (OSError, ValueError, KeyError):
             return None
 

@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         dist.init_process_group(backend=backend, timeout=timeout)
-    ctx = DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+    ctx = DistContext(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device
+    )
     try:
         train(cfg, args.group, ctx)
     except NonFiniteError as e:
