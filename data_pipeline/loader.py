@@ -60,6 +60,12 @@ _RNG_ORDER = 0x0DE7
 _RNG_WINDOW = 0x5A1D
 
 
+def describe_changes(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """``"key: saved -> now; ..."`` for every key of ``now`` whose value differs from ``saved`` ("" if none):
+    the one formatter of "this was saved under other settings" errors."""
+    return "; ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v)
+
+
 class DatasetError(ValueError):
     """The data directory, its manifest or one of its Parquet files is missing or malformed."""
 
@@ -250,42 +256,6 @@ class CriteoStream(IterableDataset):
         self._batches_yielded = 0
         self._state_loaded = False
 
-    @classmethod
-    def from_config(
-        cls,
-        cfg: Any,
-        data_dir: str | Path,
-        table_sizes: Sequence[int],
-        *,
-        batch_size: int | None = None,
-        group: int = 0,
-        num_groups: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
-        shared: bool = False,
-        seed: int = 0,
-        **overrides: Any,
-    ) -> CriteoStream:
-        """Build from a ``DataConfig``-like object (duck-typed: shuffle, shuffle_window, epochs, id_mapping).
-
-        ``batch_size`` is per rank; None means ``cfg.batch_size // world_size`` (the config's batch is the
-        whole group's). ``overrides`` (e.g. ``drop_last=False, shuffle=False, epochs=1, max_rows=...`` for
-        prediction or evaluation) take precedence over the config.
-        """
-        if batch_size is None:
-            batch_size = int(cfg.batch_size) // world_size
-        kwargs: dict[str, Any] = {
-            "shuffle": bool(getattr(cfg, "shuffle", True)),
-            "shuffle_window": int(getattr(cfg, "shuffle_window", 4)),
-            "epochs": int(getattr(cfg, "epochs", 1)),
-            "id_mapping": getattr(cfg, "id_mapping", "mod"),
-        }
-        kwargs.update(overrides)
-        return cls(
-            data_dir, batch_size=batch_size, table_sizes=table_sizes, group=group, num_groups=num_groups,
-            rank=rank, world_size=world_size, shared=shared, seed=seed, **kwargs,
-        )  # fmt: skip
-
     # ------------------------------------------------------------------------------------------------
     # Sizes
 
@@ -473,13 +443,9 @@ class CriteoStream(IterableDataset):
         """Resume: the next ``iter()`` yields exactly the batches an uninterrupted stream would yield next."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported CriteoStream state version {state.get('version')!r}")
-        mine, theirs = self._fingerprint(), dict(state.get("fingerprint", {}))
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if diff:
-            raise ValueError(
-                "CriteoStream state was saved for a different stream; (saved, now): "
-                + ", ".join(f"{k}={a!r}->{b!r}" for k, (a, b) in diff.items())
-            )
+        changes = describe_changes(dict(state.get("fingerprint", {})), self._fingerprint())
+        if changes:
+            raise ValueError(f"CriteoStream state was saved for a different stream; (saved, now): {changes}")
         k = int(state["batches_yielded"])
         if not 0 <= k <= self._num_batches:
             raise ValueError(f"batches_yielded {k} not in [0, {self._num_batches}]")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import vocab as vocab_lib
+from data_pipeline.loader import describe_changes
 from data_pipeline.vocab import IdVocabulary
 from recsys_codistill.config import ConfigError, RunConfig
 from recsys_codistill.run_dir import RunDir
@@ -129,10 +130,9 @@ class InputMapping:
 
 
 def check_fingerprint(saved: dict[str, Any], now: dict[str, Any], where: str | Path) -> None:
-    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-    if diff:
+    changes = describe_changes(saved, now)
+    if changes:
         raise ValueError(
-            f"{where} was trained with other model inputs; (checkpoint, now): "
-            + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            + ". Use the run's original settings (and vocab.parquet), or start a new run directory"
+            f"{where} was trained with other model inputs; (checkpoint, now): {changes}. Use the run's "
+            "original settings (and vocab.parquet), or start a new run directory"
         )

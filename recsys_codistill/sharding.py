@@ -45,8 +45,6 @@ from data_pipeline.batching import sparse_keys
 from models import table_name
 from recsys_codistill.config import ModelConfig, OptimConfig, ShardingConfig
 
-log = logging.getLogger(__name__)
-
 # Rows generated together by the sharding-independent initialiser.
 _INIT_BLOCK_ROWS = 8192
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -253,22 +252,6 @@ def test_max_rows_is_a_global_prefix(tiny_parquet: Path) -> None:
         s = _stream(tiny_parquet, batch_size=5, rank=r, world_size=2, max_rows=25, drop_last=False)
         seen += [i for b in s for i in b.row_ids.tolist() if i >= 0]
     assert sorted(seen) == list(range(25))
-
-
-def test_from_config_duck_typed(tiny_parquet: Path) -> None:
-    @dataclass(frozen=True)
-    class Cfg:
-        batch_size: int = 16
-        epochs: int = 2
-        shuffle: bool = False
-        shuffle_window: int = 3
-        id_mapping: str = "hash"
-
-    s = CriteoStream.from_config(Cfg(), tiny_parquet, SIZES, group=0, num_groups=1, rank=1, world_size=2,
-                                 shared=False, seed=4)  # fmt: skip
-    assert (s.batch_size, s.epochs, s.shuffle, s.shuffle_window, s.id_mapping) == (8, 2, False, 3, "hash")
-    p = CriteoStream.from_config(Cfg(), tiny_parquet, SIZES, batch_size=4, drop_last=False, epochs=1)
-    assert (p.batch_size, p.drop_last, p.epochs) == (4, False, 1)
 
 
 def test_too_little_data_is_an_error(tiny_parquet: Path) -> None:
