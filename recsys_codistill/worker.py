@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         train(cfg, args.group, ctx)
+        # Tear down only once every rank is past its last collective: a rank destroying its process group
+        # while a peer is still in the final all-gather aborted at exit ("terminate called without an
+        # active exception"), failing a run that had finished.
+        dist.barrier()
     except NonFiniteError as e:
         # Deterministic: a restart would replay into the same NaN. The launcher does not restart this code.
         print(f"recsys-codistill: {e}", file=sys.stderr, flush=True)
