@@ -56,7 +56,9 @@ def test_two_ranks_match_one_rank_and_learn(data, tmp_path, sharding_type):
     run(tiny_config(data, tmp_path / "two", *frozen, "sharding.nproc=2", f"sharding.sharding_type={sharding_type}"))
     p1, p2 = predictions(tmp_path / "one", data), predictions(tmp_path / "two", data)
     np.testing.assert_allclose(p1["logit"], p2["logit"], rtol=0, atol=1e-6)
-    # and a real 2-rank run learns
+    # and a real 2-rank run learns (checked once: the equivalence above covers the other sharding type)
+    if sharding_type != "table_wise":
+        return
     run(tiny_config(data, tmp_path / "learn", "sharding.nproc=2", f"sharding.sharding_type={sharding_type}"))
     losses = [m["loss"] for m in metrics(tmp_path / "learn") if "loss" in m]
     assert losses[-1] < losses[0] - 0.02
