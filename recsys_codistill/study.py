@@ -32,13 +32,20 @@ from recsys_codistill.config import (
     check_ranges,
     config_dict_from_sources,
     from_dict,
+    load_config,
     ranged,
     to_dict,
     to_toml,
 )
+from recsys_codistill.evaluation import ensemble_probabilities
 from recsys_codistill.metrics import summary
 
 METHODS = ("baseline", "ensemble", "codistill")
+METHOD_LABELS = {
+    "baseline": "single model",
+    "ensemble": "ensemble of two",
+    "codistill": "two-way codistillation",
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,33 @@ def variant_tag(name: str) -> str:
     return "codistill_" + "".join(ch if ch.isalnum() else "_" for ch in name)
 
 
+@dataclass(frozen=True)
+class Method:
+    """A row of the study: a method of :data:`METHODS` and, for a codistillation variant of
+    ``[study.variants]``, the variant's name."""
+
+    name: str
+    variant: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The row's key in ``study.json``: the method, or ``codistill[<variant>]``."""
+        return self.name if self.variant is None else f"{self.name}[{self.variant}]"
+
+    @property
+    def label(self) -> str:
+        """The row's name in ``report.md`` and the plots."""
+        if self.variant is not None:
+            return f"codistillation ({self.variant})"
+        return METHOD_LABELS.get(self.name, self.name)
+
+    def run_name(self, repeat: int, index: int) -> str:
+        """Directory name of run ``index`` of ``repeat`` (rows that train runs: baseline, codistill)."""
+        if self.variant is not None:
+            return f"r{repeat}_{variant_tag(self.variant)}-{index}"
+        return f"r{repeat}_{self.name}{index}"
+
+
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyConfig, RunConfig]:
     study, base, _ = load_study_with_variants(path, overrides)
     return study, base
@@ -99,10 +133,10 @@ def load_study_with_variants(
     base = from_dict(data, str(path))
     tags = [variant_tag(str(n)) for n in variants]
     if len(set(tags)) != len(tags):
-        raise ConfigError(f"{path}: [study.variants] names {list(variants)} collide once made directory-safe ({tags})")
+        raise ConfigError(
+            f"{path}: [study.variants] names {list(variants)} collide once made directory-safe ({tags})"
+        )
     for name, sets in variants.items():  # fail now, not after an hour of baselines
-        from recsys_codistill.config import load_config
-
         try:
             load_config(None, sets)
         except ConfigError as e:
@@ -120,7 +154,9 @@ def prepare_data(study: StudyConfig, root: Path) -> Path:
         d = Path(study.data_dir)
         for sub in ("train", "valid"):
             if not (d / sub / "manifest.json").is_file():
-                raise FileNotFoundError(f"study.data_dir {d} has no {sub}/manifest.json (ingest with --valid-fraction)")
+                raise FileNotFoundError(
+                    f"study.data_dir {d} has no {sub}/manifest.json (ingest with --valid-fraction)"
+                )
         return d
     from data_pipeline.preprocess import ingest
 
@@ -135,13 +171,24 @@ def prepare_data(study: StudyConfig, root: Path) -> Path:
         if not (raw / "synthetic.json").is_file():
             generate(raw, study.synthetic_rows, study.synthetic_seed)
         inputs = sorted(str(p) for p in raw.glob("synthetic-*.tsv.gz"))
-    ingest(inputs, d, valid_fraction=study.valid_fraction, split=study.split, seed=study.seed, overwrite=True, progress=False)
+    ingest(
+        inputs,
+        d,
+        valid_fraction=study.valid_fraction,
+        split=study.split,
+        seed=study.seed,
+        overwrite=True,
+        progress=False,
+    )
     return d
 
 
 def row_ids(data_dir: Path) -> np.ndarray:
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    parts = [pq.read_table(data_dir / f["path"], columns=["row_id"])["row_id"].to_numpy() for f in manifest["files"]]
+    parts = [
+        pq.read_table(data_dir / f["path"], columns=["row_id"])["row_id"].to_numpy()
+        for f in manifest["files"]
+    ]
     return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
 
@@ -169,7 +216,9 @@ def run_config(plan: Plan, name: str, seed: int, num_groups: int, sets: Sequence
 
 
 def is_done(cfg: RunConfig) -> bool:
-    return all((Path(cfg.run_dir) / f"group{g}" / "result.json").is_file() for g in range(cfg.codistill.num_groups))
+    return all(
+        (Path(cfg.run_dir) / f"group{g}" / "result.json").is_file() for g in range(cfg.codistill.num_groups)
+    )
 
 
 def train_run(plan: Plan, cfg: RunConfig) -> None:
@@ -211,11 +260,15 @@ def learning_curve(cfg: RunConfig, group: int = 0) -> list[tuple[int, float]]:
 # measuring
 
 
-def measure_pair(a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: float, study: StudyConfig, rep: int) -> dict[str, Any]:
+def measure_pair(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: float, study: StudyConfig, rep: int
+) -> dict[str, Any]:
     from recsys_codistill.churn import align, churn_report
 
     al = align(a["row_id"], a["probability"], b["row_id"], b["probability"])
-    report = churn_report(al.p_a, al.p_b, threshold=threshold, bootstrap=study.bootstrap, seed=study.seed * 1000 + rep)
+    report = churn_report(
+        al.p_a, al.p_b, threshold=threshold, bootstrap=study.bootstrap, seed=study.seed * 1000 + rep
+    )
     y = a["label"].astype(np.float64)
     return {
         "quality_a": summary(y, a["probability"]),
@@ -225,13 +278,14 @@ def measure_pair(a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: 
 
 
 def ensemble(*members: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ensemble row's predictions: members' probabilities averaged (:func:`ensemble_probabilities`)."""
     for m in members[1:]:
         if not np.array_equal(m["row_id"], members[0]["row_id"]):
             raise ValueError("ensemble members predicted different rows")
     return {
         "row_id": members[0]["row_id"],
         "label": members[0]["label"],
-        "probability": np.mean([m["probability"] for m in members], axis=0),
+        "probability": ensemble_probabilities([m["probability"] for m in members]),
     }
 
 
@@ -246,7 +300,9 @@ def summarise(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def paired_vs_baseline(per_repeat: dict[str, list[dict[str, Any]]], seed: int, resamples: int = 10_000) -> dict[str, dict[str, Any]]:
+def paired_vs_baseline(
+    per_repeat: dict[str, list[dict[str, Any]]], seed: int, resamples: int = 10_000
+) -> dict[str, dict[str, Any]]:
     """Per repeat, churn(method) − churn(single model): the two share seeds and hold-out rows, so the
     difference removes much of the repeat-to-repeat noise. Mean with a bootstrap 95% CI over repeats
     (retrain-to-retrain uncertainty, unlike the row-bootstrap CIs of a single repeat) and a sign count."""
@@ -296,51 +352,72 @@ def run_study(config: str | Path, overrides: Sequence[str] = ()) -> Path:
     return run(study, base, config_text=text, variants=variants)
 
 
-def run(study: StudyConfig, base: RunConfig, config_text: str = "", variants: dict[str, list[str]] | None = None) -> Path:
+def run(
+    study: StudyConfig, base: RunConfig, config_text: str = "", variants: dict[str, list[str]] | None = None
+) -> Path:
     root = Path(study.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     data = prepare_data(study, root)
     holdout = check_holdout(data)
-    base = from_dict({**to_dict(base), "data": {**to_dict(base)["data"], "train_dir": str(data / "train"), "valid_dir": str(data / "valid")}})
+    base = from_dict(
+        {
+            **to_dict(base),
+            "data": {
+                **to_dict(base)["data"],
+                "train_dir": str(data / "train"),
+                "valid_dir": str(data / "valid"),
+            },
+        }
+    )
     plan = Plan(study, base, root, variants=dict(variants or {}))
     valid = data / "valid"
 
     # Every run of every repeat, baselines several at a time (each uses one core).
     n_base = 4 if "ensemble" in study.methods else 2
-    baselines = {(r, i): run_config(plan, f"r{r}_baseline{i}", study.seed * 100 + 10 * r + i, 1) for r in range(study.repeats) for i in range(n_base)}
+    baseline = Method("baseline")  # its runs also make the ensemble row and set the flip threshold
+    baselines = {
+        (r, i): run_config(plan, baseline.run_name(r, i), study.seed * 100 + 10 * r + i, 1)
+        for r in range(study.repeats)
+        for i in range(n_base)
+    }
     # codistillation rows: the configured one, then each variant; (row, repeat, run) -> config
-    rows = (["codistill"] if "codistill" in study.methods else []) + [f"codistill[{v}]" for v in plan.variants]
-    codistills: dict[tuple[str, int, int], RunConfig] = {}
+    rows = [Method("codistill")] if "codistill" in study.methods else []
+    rows += [Method("codistill", v) for v in plan.variants]
+    codistills: dict[tuple[Method, int, int], RunConfig] = {}
     for row in rows:
-        sets = plan.variants.get(row[len("codistill[") : -1], []) if row != "codistill" else []
+        sets = plan.variants[row.variant] if row.variant is not None else []
         for r in range(study.repeats):
             for i in range(2):
-                name = f"r{r}_codistill{i}" if row == "codistill" else f"r{r}_{variant_tag(row[len('codistill[') : -1])}-{i}"
-                codistills[(row, r, i)] = run_config(plan, name, study.seed * 100 + 10 * r + i, 2, sets)
+                seed = study.seed * 100 + 10 * r + i
+                codistills[(row, r, i)] = run_config(plan, row.run_name(r, i), seed, 2, sets)
     with ThreadPoolExecutor(max_workers=max(1, study.parallel_runs)) as pool:
         list(pool.map(lambda c: train_run(plan, c), baselines.values()))
     for c in codistills.values():  # two groups = two processes already
         train_run(plan, c)
 
     # Measure: churn between the two runs of each method, per repeat.
-    per_repeat: dict[str, list[dict[str, Any]]] = {m: [] for m in study.methods if m != "codistill"}
-    per_repeat.update({row: [] for row in rows})
+    methods = list(dict.fromkeys([Method(m) for m in study.methods if m != "codistill"] + rows))
+    per_method: dict[Method, list[dict[str, Any]]] = {m: [] for m in methods}
     for r in range(study.repeats):
         b = [predictions(baselines[(r, i)], valid) for i in range(n_base)]
         threshold = base.eval.threshold or float(np.mean(b[0]["label"]))
-        if "baseline" in study.methods:
-            per_repeat["baseline"].append(measure_pair(b[0], b[1], threshold, study, r))
-        if "ensemble" in study.methods:
-            per_repeat["ensemble"].append(measure_pair(ensemble(b[0], b[2]), ensemble(b[1], b[3]), threshold, study, r))
-        for row in rows:
-            c = [predictions(codistills[(row, r, i)], valid) for i in range(2)]
-            per_repeat[row].append(measure_pair(c[0], c[1], threshold, study, r))
+        for m in methods:
+            if m.name == "baseline":
+                pair = b[0], b[1]
+            elif m.name == "ensemble":
+                pair = ensemble(b[0], b[2]), ensemble(b[1], b[3])
+            else:
+                pair = tuple(predictions(codistills[(m, r, i)], valid) for i in range(2))
+            per_method[m].append(measure_pair(*pair, threshold, study, r))
+    per_repeat = {m.key: reps for m, reps in per_method.items()}
 
     table = {}
     for m, reps in per_repeat.items():
         table[m] = {
-            "log_loss": summarise([q for x in reps for q in (x["quality_a"]["log_loss"], x["quality_b"]["log_loss"])]),
+            "log_loss": summarise(
+                [q for x in reps for q in (x["quality_a"]["log_loss"], x["quality_b"]["log_loss"])]
+            ),
             "auc": summarise([q for x in reps for q in (x["quality_a"]["auc"], x["quality_b"]["auc"])]),
             "ne": summarise([q for x in reps for q in (x["quality_a"]["ne"], x["quality_b"]["ne"])]),
             "churn": summarise([x["churn"]["mean_abs_diff"]["value"] for x in reps]),
@@ -349,11 +426,21 @@ def run(study: StudyConfig, base: RunConfig, config_text: str = "", variants: di
         }
     curves = {
         "baseline": learning_curve(baselines[(0, 0)]),
-        **({"codistill group0": learning_curve(codistills[(rows[0], 0, 0)], 0), "codistill group1": learning_curve(codistills[(rows[0], 0, 0)], 1)} if rows else {}),
+        **(
+            {
+                "codistill group0": learning_curve(codistills[(rows[0], 0, 0)], 0),
+                "codistill group1": learning_curve(codistills[(rows[0], 0, 0)], 1),
+            }
+            if rows
+            else {}
+        ),
     }
     # what each codistillation row used, for the churn-vs-staleness plot and the report
     settings = {
-        row: {k: getattr(codistills[(row, 0, 0)].codistill, k) for k in ("exchange_every", "burn_in_steps", "distill_weight", "loss", "data")}
+        row.key: {
+            k: getattr(codistills[(row, 0, 0)].codistill, k)
+            for k in ("exchange_every", "burn_in_steps", "distill_weight", "loss", "data")
+        }
         for row in rows
     }
     result = {
@@ -372,7 +459,7 @@ def run(study: StudyConfig, base: RunConfig, config_text: str = "", variants: di
     (root / "study.json").write_text(json.dumps(result, indent=1))
     from recsys_codistill.report import write_report
 
-    return write_report(root, result, base_toml=to_toml(base), config_text=config_text)
+    return write_report(root, result, methods=methods, base_toml=to_toml(base), config_text=config_text)
 
 
 def versions() -> dict[str, str]:
@@ -380,7 +467,13 @@ def versions() -> dict[str, str]:
     import torch
     import torchrec
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchrec": torchrec.__version__, "pyarrow": pyarrow.__version__, "machine": platform.machine()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchrec": torchrec.__version__,
+        "pyarrow": pyarrow.__version__,
+        "machine": platform.machine(),
+    }
 
 
 def run_demo(out: str | Path, overrides: Sequence[str] = ()) -> Path:
