@@ -48,7 +48,14 @@ def test_tiny_study_writes_every_artefact_and_resumes(tmp_path):
     out = tmp_path / "out"
     assert report == out / "report.md"
     text = report.read_text()
-    for needle in ("single model", "ensemble of two", "two-way codistillation", "Bayes-optimal", "95%", "torchrec"):
+    for needle in (
+        "single model",
+        "ensemble of two",
+        "two-way codistillation",
+        "Bayes-optimal",
+        "95%",
+        "torchrec",
+    ):
         assert needle in text
     for png in ("churn.png", "learning_curves.png", "churn_vs_staleness.png"):
         assert (out / png).stat().st_size > 1000, png
