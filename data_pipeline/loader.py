@@ -31,9 +31,8 @@ batches of an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +49,7 @@ from data_pipeline.batching import (
     check_table_sizes,
     decode_into,
 )
+from data_pipeline.manifest import DatasetError, read_manifest
 from data_pipeline.schema import parquet_schema
 from data_pipeline.sharding import RowGroup, assign_row_groups, cap_rows, rows_per_worker
 from data_pipeline.vocab import IdVocabulary
@@ -64,55 +64,6 @@ def describe_changes(saved: dict[str, Any], now: dict[str, Any]) -> str:
     """``"key: saved -> now; ..."`` for every key of ``now`` whose value differs from ``saved`` ("" if none):
     the one formatter of "this was saved under other settings" errors."""
     return "; ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v)
-
-
-class DatasetError(ValueError):
-    """The data directory, its manifest or one of its Parquet files is missing or malformed."""
-
-
-def read_manifest(data_dir: str | Path) -> tuple[Path, list[dict[str, Any]]]:
-    """(manifest path, its ``files`` entries) with every entry checked to have ``path`` and ``rows`` and
-    to name a file inside ``data_dir`` (see :func:`check_manifest_entry`)."""
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise DatasetError(f"{path}: no manifest.json in data directory {data_dir} (run the ingester first)")
-    try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-        if not isinstance(files, list):
-            raise TypeError(f"'files' is a {type(files).__name__}, not a list")
-        for f in files:
-            if not isinstance(f["path"], str) or not isinstance(f["rows"], int):
-                raise TypeError(f"bad entry {f!r}")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise DatasetError(
-            f"{path}: malformed manifest ({e}); expected {{'files': [{{'path', 'rows'}}]}}"
-        ) from e
-    for f in files:
-        check_manifest_entry(path, f["path"])
-    return path, files
-
-
-def check_manifest_entry(manifest_path: Path, entry: str) -> None:
-    """Refuse a manifest ``path`` that could name a file outside the manifest's directory: absolute (also
-    Windows-style), with a ``..``, empty or ``.`` component, or a backslash. A data directory is trusted
-    only for what is inside it; a manifest is data, and must not make the loader read ``/etc/passwd`` or
-    a sibling's files. Relative paths with ``/`` inside the directory (``train/part-00000.parquet``, as a
-    split data set's top manifest lists them) are fine."""
-    why = None
-    if not entry:
-        why = "is empty"
-    elif entry.startswith("/") or PureWindowsPath(entry).anchor:
-        why = "is an absolute path"
-    elif "\\" in entry:
-        why = "contains a backslash"
-    elif any(part in ("", ".", "..") for part in entry.split("/")):
-        why = "has an empty, '.' or '..' component"
-    if why:
-        raise DatasetError(
-            f"{manifest_path}: files entry {entry!r} {why}; expected a relative path inside "
-            f"{manifest_path.parent} such as 'part-00000.parquet'"
-        )
 
 
 def _open_checked(path: Path, manifest_path: Path, expected_rows: int) -> pq.ParquetFile:

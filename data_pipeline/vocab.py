@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data_pipeline.manifest import MANIFEST, data_files
 from data_pipeline.schema import SPARSE_COLUMNS
 
 VOCAB_VERSION = 1
@@ -128,14 +129,10 @@ def count_ids(files: Sequence[str | Path]) -> tuple[dict[str, tuple[np.ndarray, 
 def build(data_dir: str | Path, min_count: int) -> IdVocabulary:
     """Count every categorical id in the ingested data set ``data_dir`` and keep those seen ``min_count``+ times."""
     data_dir = Path(data_dir)
-    manifest = data_dir / "manifest.json"
+    manifest = data_dir / MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} not found: is {data_dir} an ingested data directory?")
-    # The loader's reader: it checks every entry, refusing paths that lead outside data_dir. Imported here
-    # because the loader imports this module.
-    from data_pipeline.loader import read_manifest
-
-    files = [data_dir / f["path"] for f in read_manifest(data_dir)[1]]
+    files = data_files(data_dir)  # every entry checked: none may lead outside data_dir
     counts, rows = count_ids(files)
     return from_counts(counts, min_count, source=str(data_dir), rows_counted=rows)
 

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data_pipeline.manifest import MANIFEST, data_files
 from recsys_codistill import metrics
 from recsys_codistill.churn import align, check_threshold, churn_report
 
@@ -193,17 +194,11 @@ def _model_metrics(name: str, pred: Predictions, warnings: list[str]) -> dict[st
 
 def _load_feature(data_dir: Path, feature: str) -> tuple[np.ndarray, np.ndarray]:
     """(row_id, feature value) of every row of an ingested Parquet directory; nulls -> MISSING_FEATURE."""
-    manifest_path = data_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"data manifest not found: {manifest_path}")
-    manifest = json.loads(manifest_path.read_text())
-    files = manifest.get("files")
-    if not isinstance(files, list) or not files:
-        raise ValueError(f"{manifest_path}: expected a non-empty list under 'files'")
+    files = data_files(data_dir)  # the one manifest reader: entries may not lead outside data_dir
+    if not files:
+        raise ValueError(f"{data_dir / MANIFEST}: lists no files")
     ids, vals = [], []
-    for entry in files:
-        rel = entry["path"] if isinstance(entry, dict) else entry
-        path = Path(rel) if Path(rel).is_absolute() else data_dir / rel
+    for path in files:
         table = _read_columns(path, ("row_id", feature), "data")
         ids.append(table.column("row_id").to_numpy().astype(np.int64, copy=False))
         col = pc.cast(table.column(feature), pa.int64()).fill_null(MISSING_FEATURE)

@@ -11,7 +11,6 @@ model) are refused before anything is written.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from data_pipeline.loader import CriteoStream, read_manifest
+from data_pipeline.loader import CriteoStream
+from data_pipeline.manifest import load_manifest
 from models import build_model
 from recsys_codistill.checkpoint import check_inputs, is_wrapped, latest_checkpoint, load_model_weights
 from recsys_codistill.config import RunConfig, load_config, replace
@@ -65,8 +65,8 @@ def dataset_is_labelled(data_dir: str | Path) -> bool:
     or hand-written) is decided from the Parquet footers: unlabelled iff every ``label`` value is null. The
     loader turns a null label into 0, so this cannot be read back from the batches.
     """
-    manifest_path, files = read_manifest(data_dir)
-    manifest = json.loads(manifest_path.read_text())
+    _, manifest = load_manifest(data_dir)
+    files = manifest["files"]
     if isinstance(manifest.get("labelled"), bool):
         return bool(manifest["labelled"])
     if "positives" in manifest:

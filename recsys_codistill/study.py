@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow.parquet as pq
 
+from data_pipeline.manifest import MANIFEST, data_files
 from recsys_codistill.config import (
     ConfigError,
     RunConfig,
@@ -39,6 +40,7 @@ from recsys_codistill.config import (
 )
 from recsys_codistill.evaluation import ensemble_probabilities
 from recsys_codistill.metrics import summary
+from recsys_codistill.run_dir import RunDir
 
 METHODS = ("baseline", "ensemble", "codistill")
 METHOD_LABELS = {
@@ -153,7 +155,7 @@ def prepare_data(study: StudyConfig, root: Path) -> Path:
     if study.data_dir:
         d = Path(study.data_dir)
         for sub in ("train", "valid"):
-            if not (d / sub / "manifest.json").is_file():
+            if not (d / sub / MANIFEST).is_file():
                 raise FileNotFoundError(
                     f"study.data_dir {d} has no {sub}/manifest.json (ingest with --valid-fraction)"
                 )
@@ -161,7 +163,7 @@ def prepare_data(study: StudyConfig, root: Path) -> Path:
     from data_pipeline.preprocess import ingest
 
     d = root / "data"
-    if (d / "manifest.json").is_file():
+    if (d / MANIFEST).is_file():
         return d
     inputs = list(study.inputs)
     if not inputs:
@@ -184,11 +186,7 @@ def prepare_data(study: StudyConfig, root: Path) -> Path:
 
 
 def row_ids(data_dir: Path) -> np.ndarray:
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    parts = [
-        pq.read_table(data_dir / f["path"], columns=["row_id"])["row_id"].to_numpy()
-        for f in manifest["files"]
-    ]
+    parts = [pq.read_table(path, columns=["row_id"])["row_id"].to_numpy() for path in data_files(data_dir)]
     return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
 
@@ -216,9 +214,7 @@ def run_config(plan: Plan, name: str, seed: int, num_groups: int, sets: Sequence
 
 
 def is_done(cfg: RunConfig) -> bool:
-    return all(
-        (Path(cfg.run_dir) / f"group{g}" / "result.json").is_file() for g in range(cfg.codistill.num_groups)
-    )
+    return all(RunDir(cfg.run_dir).result(g).is_file() for g in range(cfg.codistill.num_groups))
 
 
 def train_run(plan: Plan, cfg: RunConfig) -> None:
@@ -247,7 +243,7 @@ def predictions(cfg: RunConfig, valid: Path) -> dict[str, np.ndarray]:
 
 
 def learning_curve(cfg: RunConfig, group: int = 0) -> list[tuple[int, float]]:
-    path = Path(cfg.run_dir) / f"group{group}" / "metrics.jsonl"
+    path = RunDir(cfg.run_dir).metrics(group)
     by_step: dict[int, float] = {}
     for line in path.read_text().splitlines() if path.is_file() else []:
         rec = json.loads(line)

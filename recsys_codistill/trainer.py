@@ -122,7 +122,7 @@ def eval_stream(
 def quality(pred: dict[str, np.ndarray]) -> dict[str, float]:
     from recsys_codistill import metrics
 
-    p = 1.0 / (1.0 + np.exp(-pred["logit"]))
+    p = metrics.sigmoid(pred["logit"])
     return {**metrics.summary(pred["label"], p), "rows": int(len(p))}
 
 
