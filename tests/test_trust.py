@@ -411,3 +411,22 @@ def test_a_failing_group_stops_the_others_and_its_exit_code_is_returned(data, tm
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("damage", ["truncated-shard", "deleted-shard", "damaged-metadata", "deleted-manifest"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(trained, tmp_path, damage, capsys):
+    run_dir = _copy(trained, tmp_path / "run")
+    ckpts = run_dir / "group0" / "checkpoints"
+    (_, older), (_, newest) = list_checkpoints(ckpts)
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    if damage == "truncated-shard":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "deleted-shard":
+        shard.unlink()
+    elif damage == "damaged-metadata":
+        (newest / ".metadata").write_bytes(b"\x80\x04garbage")
+    else:
+        (newest / atomic.MANIFEST).unlink()
+    assert latest_checkpoint(ckpts) == older
+    if damage != "deleted-manifest":  # without a manifest it is not a checkpoint at all: silently ignored
+        assert "skipping damaged checkpoint" in capsys.readouterr().err
