@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 def single_rank_world(threads: int, port: int) -> None:
     """A 1-rank gloo world in this process, TorchRec's log noise off, ``threads`` intra-op threads."""
-    from recsys_codistill.sharding import quiet_library_logs
+    from recsys_codistill.train.sharding import quiet_library_logs
 
     torch.set_num_threads(threads)
     quiet_library_logs()

@@ -33,10 +33,10 @@ def main() -> None:
     from bench._common import single_rank_world, synthetic_parquet
     from data_pipeline.loader import CriteoStream
     from recsys_codistill import dcp_io
-    from recsys_codistill.codistill import codistill_loss
+    from recsys_codistill.codistill.exchange import publish
+    from recsys_codistill.codistill.losses import codistill_loss
     from recsys_codistill.config import load_config
-    from recsys_codistill.teacher_exchange import publish
-    from recsys_codistill.trainer import DistContext, build_sharded
+    from recsys_codistill.train.trainer import DistContext, build_sharded
 
     single_rank_world(THREADS, 29612)
     tmp, _ = synthetic_parquet("bench-codistill-", STEPS * B, B * 4)

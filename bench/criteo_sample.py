@@ -58,7 +58,7 @@ def logistic_regression(data: Path) -> dict[str, float]:
     reported too, as an upper bound for this baseline."""
     from sklearn.linear_model import LogisticRegression
 
-    from recsys_codistill import metrics
+    from recsys_codistill.eval import metrics
 
     tr, va = table(data / "train"), table(data / "valid")
     xtr, xva = hashed_features(tr), hashed_features(va)
@@ -90,7 +90,7 @@ def dlrm(data: Path, run_dir: Path, *overrides: str) -> dict[str, object]:
     """configs/criteo_sample.toml trained with each of SEEDS (init and data order): seed noise on 110k rows is
     about 0.001 log loss, the size of the differences being measured, so one run would decide nothing."""
     from recsys_codistill.config import load_config
-    from recsys_codistill.launch import launch
+    from recsys_codistill.train.launch import launch
 
     runs = []
     for seed in SEEDS:
@@ -117,12 +117,12 @@ def synthetic_gap(tmp: Path) -> dict[str, float]:
 
     from data_pipeline.preprocess import ingest
     from data_pipeline.synthetic import generate
-    from recsys_codistill import metrics
+    from recsys_codistill.eval import metrics
 
     generate(tmp / "raw", 200_000, 0)
     ingest(sorted((tmp / "raw").glob("*.tsv.gz")), tmp / "syn", valid_fraction=0.2, split="time", progress=False)
     from recsys_codistill.config import load_config
-    from recsys_codistill.launch import launch
+    from recsys_codistill.train.launch import launch
 
     cfg = load_config(
         ROOT / "configs" / "demo.toml",

@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recsys_codistill.churn import churn_report  # noqa: E402
-from recsys_codistill.metrics import roc_auc  # noqa: E402
+from recsys_codistill.eval.churn import churn_report  # noqa: E402
+from recsys_codistill.eval.metrics import roc_auc  # noqa: E402
 
 
 def _best_of(fn, repeats: int) -> tuple[float, object]:

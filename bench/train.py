@@ -4,7 +4,7 @@ Same model (DLRM, 26 tables x dim 16, dense 512-256-16, over 512-512-256-1), bat
 row-wise Adagrad on the tables and Adagrad on the dense part, same threads, 1 rank on CPU (gloo).
 - reference: ``DLRMTrain(DLRM)`` under DMP, fed by the same Parquet loader (the goal's ratio), and again
   from batches pre-materialised in memory (no data cost at all: an upper bound);
-- ours: ``recsys_codistill.trainer.train`` end to end, reading Parquet through our loader.
+- ours: ``recsys_codistill.train.trainer.train`` end to end, reading Parquet through our loader.
 Prints one JSON line: examples/s of each, the ratio (goal >= 1.0), peak RSS and where our step time goes.
 """
 
@@ -89,7 +89,7 @@ def reference(cfg, batches) -> float:
 
 
 def ours(cfg) -> float:
-    from recsys_codistill.trainer import DistContext, train
+    from recsys_codistill.train.trainer import DistContext, train
 
     train(cfg, 0, DistContext(0, 1, 0, torch.device("cpu")))
     recs = [json.loads(x) for x in (Path(cfg.run_dir) / "group0" / "metrics.jsonl").read_text().splitlines()]
@@ -102,8 +102,8 @@ def ours(cfg) -> float:
 def breakdown(cfg, batches) -> dict[str, float]:
     """Where our step's time goes, on the same components the trainer uses (ms per step)."""
     from data_pipeline.loader import CriteoStream
-    from recsys_codistill.codistill import codistill_loss
-    from recsys_codistill.trainer import DistContext, build_sharded
+    from recsys_codistill.codistill.losses import codistill_loss
+    from recsys_codistill.train.trainer import DistContext, build_sharded
 
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
     sm = build_sharded(cfg, ctx, seed=1)

@@ -3,7 +3,7 @@
 Everything is vectorised numpy on whole columns, then ``torch.from_numpy`` (no per-row Python), because the
 loader must outrun the trainer on a single core.
 
-Conventions (DESIGN.md section 3):
+Conventions (Criteo's, as DLRM uses them):
 
 - dense ``[B, 13]`` float32: missing -> 0, negative -> 0, then ``log1p``.
 - sparse: a :class:`KeyedJaggedTensor` with keys ``C1..C26``, one id per key and row (lengths all 1),

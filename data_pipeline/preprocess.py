@@ -19,7 +19,7 @@ see data_pipeline.sources), and a writer thread (Parquet encoding and compressio
 to a hidden temporary directory next to ``out_dir`` and renamed into place at the end, so a failed or
 killed ingest leaves no partial ``out_dir``.
 
-What ingest deletes (DESIGN.md, trust model): only what it created and can prove it created.
+What ingest deletes (README, "Trust model"): only what it created and can prove it created.
 ``overwrite`` replaces an existing ``out_dir`` only if it carries the marker (or, for data sets written
 before the marker, a manifest.json naming ingest as its writer) and holds nothing but ingest's own files;
 never if it is or contains an input, the working directory, the home directory, or is a filesystem root.

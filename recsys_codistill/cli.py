@@ -80,7 +80,7 @@ def _load(a: argparse.Namespace):  # noqa: ANN202
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from recsys_codistill.config import to_toml
-    from recsys_codistill.launch import launch
+    from recsys_codistill.train.launch import launch
 
     cfg = _load(a)
     print("# resolved config\n" + to_toml(cfg), flush=True)
@@ -91,7 +91,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from recsys_codistill.predict import predict
+    from recsys_codistill.train.predict import predict
 
     # Checked here so the error names the flag, not the library's keyword.
     if a.batch_size < 1:
@@ -104,8 +104,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from recsys_codistill.churn import check_threshold
-    from recsys_codistill.evaluation import evaluate, format_table, write_json
+    from recsys_codistill.eval.churn import check_threshold
+    from recsys_codistill.eval.evaluation import evaluate, format_table, write_json
 
     # Checked here so the errors name the flags, not the library's keywords. A NaN threshold would
     # otherwise make every row "negative" in both models and report a flip rate of 0.
@@ -136,7 +136,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_study(a: argparse.Namespace) -> int:
-    from recsys_codistill.study import run_study
+    from recsys_codistill.study.study import run_study
 
     report = run_study(a.config, overrides=a.set or [])
     print(f"report: {report}")
@@ -144,7 +144,7 @@ def _cmd_study(a: argparse.Namespace) -> int:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from recsys_codistill.study import run_demo
+    from recsys_codistill.study.study import run_demo
 
     report = run_demo(a.out, overrides=a.set or [])
     print(f"report: {report}")

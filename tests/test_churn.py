@@ -1,4 +1,4 @@
-"""recsys_codistill.churn: point metrics by hand, alignment errors, and the Poisson bootstrap."""
+"""recsys_codistill.eval.churn: point metrics by hand, alignment errors, and the Poisson bootstrap."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from recsys_codistill import churn
-from recsys_codistill.churn import (
+from recsys_codistill.eval import churn
+from recsys_codistill.eval.churn import (
     align,
     churn_by_feature_frequency,
     churn_by_probability_bucket,
@@ -21,7 +21,7 @@ from recsys_codistill.churn import (
     symmetric_pd,
     topk_overlap,
 )
-from recsys_codistill.metrics import log_loss
+from recsys_codistill.eval.metrics import log_loss
 
 PA = np.array([0.1, 0.5, 0.9, 0.3])
 PB = np.array([0.2, 0.5, 0.6, 0.4])

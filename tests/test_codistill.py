@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from recsys_codistill.codistill import codistill_loss, distill_term
+from recsys_codistill.codistill.losses import codistill_loss, distill_term
 from recsys_codistill.config import CodistillConfig
 
 

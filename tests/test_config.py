@@ -296,7 +296,7 @@ def test_cross_field_ranges(overrides, match):
 
 
 def test_shipped_study_configs_load_their_run_configs():
-    from recsys_codistill.study import load_study_with_variants
+    from recsys_codistill.study.study import load_study_with_variants
 
     root = Path(__file__).resolve().parents[1] / "configs"
     studies = sorted(root.glob("study*.toml"))

@@ -1,4 +1,4 @@
-"""recsys_codistill.evaluation on small prediction files written with pyarrow."""
+"""recsys_codistill.eval.evaluation on small prediction files written with pyarrow."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys_codistill import metrics
-from recsys_codistill.churn import churn_by_feature_frequency, flip_rate, mean_abs_diff
-from recsys_codistill.evaluation import evaluate, format_table, load_predictions, write_json
+from recsys_codistill.eval import metrics
+from recsys_codistill.eval.churn import churn_by_feature_frequency, flip_rate, mean_abs_diff
+from recsys_codistill.eval.evaluation import evaluate, format_table, load_predictions, write_json
 
 N = 3000
 

@@ -1,5 +1,5 @@
 """Ingest and export must never destroy what the project did not create, and must turn every bad line and
-every OS failure into a clear error or a reject (DESIGN.md section 10, issue 15).
+every OS failure into a clear error or a reject (README, "Trust model").
 
 Each test names the defect it pins down; the user's files are checked to survive every refusal.
 """
@@ -165,7 +165,7 @@ def test_overwrite_refuses_a_directory_ingest_did_not_make(tmp_path: Path) -> No
     ckpt.mkdir()
     (ckpt / "manifest.json").write_text(
         json.dumps(
-            {"created_by": "recsys-codistill 0.1 recsys_codistill.checkpoint", "files": [{"path": "w.pt"}]}
+            {"created_by": "recsys-codistill 0.1 recsys_codistill.train.checkpoint", "files": [{"path": "w.pt"}]}
         )
     )
     (ckpt / "w.pt").write_bytes(b"weights")

@@ -1,4 +1,4 @@
-"""recsys_codistill.metrics against scikit-learn, torchrec and hand-computed values."""
+"""recsys_codistill.eval.metrics against scikit-learn, torchrec and hand-computed values."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
-from recsys_codistill import metrics
-from recsys_codistill.metrics import base_rate, calibration, log_loss, normalized_entropy, roc_auc
+from recsys_codistill.eval import metrics
+from recsys_codistill.eval.metrics import base_rate, calibration, log_loss, normalized_entropy, roc_auc
 
 
 def _data(n: int, seed: int, decimals: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

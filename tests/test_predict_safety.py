@@ -19,11 +19,11 @@ from torch import nn
 from data_pipeline.preprocess import ingest
 from data_pipeline.synthetic import generate
 from models import build_model
-from recsys_codistill import predict as predict_mod
+from recsys_codistill.train import predict as predict_mod
 from recsys_codistill.cli import main as cli_main
 from recsys_codistill.config import RunConfig, load_config
-from recsys_codistill.evaluation import evaluate, format_table
-from recsys_codistill.predict import dataset_is_labelled, predict, write_predictions
+from recsys_codistill.eval.evaluation import evaluate, format_table
+from recsys_codistill.train.predict import dataset_is_labelled, predict, write_predictions
 
 ROWS = 300
 
@@ -197,7 +197,7 @@ def test_cli_predict_flags_are_checked_by_name(
 
 def test_load_run_names_a_group_the_run_does_not_have(tmp_path: Path) -> None:
     from recsys_codistill.config import save_resolved
-    from recsys_codistill.predict import load_run
+    from recsys_codistill.train.predict import load_run
 
     save_resolved(_cfg(tmp_path / "run"), tmp_path / "run")
     with pytest.raises(ValueError, match=r"trained 1 group\(s\), numbered 0..0; it has no group 3"):

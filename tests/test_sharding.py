@@ -17,8 +17,8 @@ SCRIPT = textwrap.dedent(
     """
     import os, socket, torch, torch.distributed as dist
     from recsys_codistill.config import load_config
-    from recsys_codistill.trainer import DistContext, build_sharded
-    from recsys_codistill.sharding import reinit_embeddings, quiet_library_logs
+    from recsys_codistill.train.trainer import DistContext, build_sharded
+    from recsys_codistill.train.sharding import reinit_embeddings, quiet_library_logs
     from data_pipeline.synthetic import generate_parquet
     from data_pipeline.loader import CriteoStream
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from recsys_codistill.config import ConfigError
-from recsys_codistill.study import check_holdout, load_study, run_study
+from recsys_codistill.study.study import check_holdout, load_study, run_study
 
 TINY = """
 [study]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from data_pipeline.loader import CriteoStream
-from recsys_codistill.teacher_exchange import complete_versions, is_complete, version_dir
+from recsys_codistill.codistill.exchange import complete_versions, is_complete, version_dir
 from tests.train_utils import make_dataset, metrics, predictions, run, tiny_config, weights
 
 
@@ -68,7 +68,7 @@ def test_disjoint_groups_partition_the_training_rows(tiny_parquet):
 
 def _fake_version(root: Path, step: int, *, manifest: bool = True, truncate: bool = False) -> Path:
     from recsys_codistill import atomic
-    from recsys_codistill.teacher_exchange import KIND
+    from recsys_codistill.codistill.exchange import KIND
 
     d = version_dir(root, 1, step)
     d.mkdir(parents=True)
@@ -103,7 +103,7 @@ def test_a_killed_rank_restarts_from_its_checkpoint_and_the_run_completes(data, 
 
     save_resolved(cfg, cfg.run_dir)
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from recsys_codistill.launch import launch; from recsys_codistill.config import load_config; "
+        [sys.executable, "-c", "from recsys_codistill.train.launch import launch; from recsys_codistill.config import load_config; "
          f"import sys; sys.exit(launch(load_config('{cfg.run_dir}/config.toml'), quiet=True))"],
     )
     ckpts = Path(cfg.run_dir) / "group1" / "checkpoints"
@@ -112,7 +112,7 @@ def test_a_killed_rank_restarts_from_its_checkpoint_and_the_run_completes(data, 
         time.sleep(0.2)
     assert list(ckpts.glob("step_*")), "group 1 never checkpointed"
     # kill -9 the worker process of group 1 (the child of its torchrun agent)
-    out = subprocess.run(["pgrep", "-f", "recsys_codistill.worker.*--group 1"], capture_output=True, text=True).stdout.split()
+    out = subprocess.run(["pgrep", "-f", "recsys_codistill.train.worker.*--group 1"], capture_output=True, text=True).stdout.split()
     assert out, "no group 1 worker found"
     os.kill(int(out[-1]), signal.SIGKILL)
     assert proc.wait(timeout=300) == 0
@@ -123,9 +123,9 @@ def test_a_killed_rank_restarts_from_its_checkpoint_and_the_run_completes(data, 
 
 
 def _exchange(tmp_path: Path, **codistill):  # noqa: ANN202
+    from recsys_codistill.codistill.exchange import PeerExchange
     from recsys_codistill.config import CodistillConfig
-    from recsys_codistill.teacher_exchange import PeerExchange
-    from recsys_codistill.trainer import DistContext
+    from recsys_codistill.train.trainer import DistContext
 
     ex = PeerExchange.__new__(PeerExchange)  # version choice needs no model
     ex.cfg = CodistillConfig(num_groups=2, **codistill)

@@ -99,7 +99,7 @@ def test_dense_buckets_and_rare_id_vocabulary_end_to_end(data, tmp_path):
     import shutil
 
     from data_pipeline.vocab import IdVocabulary, build
-    from recsys_codistill import metrics as m
+    from recsys_codistill.eval import metrics as m
 
     cfg = tiny_config(data, tmp_path / "r", "model.dense_buckets=32", "data.min_id_count=3", "train.max_steps=16")
     run(cfg)
@@ -121,7 +121,7 @@ def test_dense_buckets_and_rare_id_vocabulary_end_to_end(data, tmp_path):
 
 def test_resume_keeps_the_vocabulary_and_refuses_a_changed_threshold(data, tmp_path):
     from recsys_codistill.config import ConfigError
-    from recsys_codistill.launch import launch
+    from recsys_codistill.train.launch import launch
 
     base = ["model.dense_buckets=32", "checkpoint.every_steps=4"]
     run(tiny_config(data, tmp_path / "r", *base, "data.min_id_count=3", "train.max_steps=8"))
@@ -146,7 +146,7 @@ def test_checkpoint_records_model_inputs_and_refuses_others(data, tmp_path):
     import json
 
     from recsys_codistill.config import ConfigError
-    from recsys_codistill.launch import launch
+    from recsys_codistill.train.launch import launch
 
     base = ["checkpoint.every_steps=4"]
     run(tiny_config(data, tmp_path / "r", *base, "train.max_steps=4"))

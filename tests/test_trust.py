@@ -19,9 +19,7 @@ import torch
 from torch import nn
 
 from recsys_codistill import atomic, dcp_io
-from recsys_codistill.checkpoint import KIND, latest_checkpoint, list_checkpoints, load_model_weights
-from recsys_codistill.config import ConfigError
-from recsys_codistill.teacher_exchange import (
+from recsys_codistill.codistill.exchange import (
     ROOT_MARKER,
     claim_root,
     clear_versions,
@@ -29,6 +27,8 @@ from recsys_codistill.teacher_exchange import (
     publish,
     version_dir,
 )
+from recsys_codistill.config import ConfigError
+from recsys_codistill.train.checkpoint import KIND, latest_checkpoint, list_checkpoints, load_model_weights
 from tests.train_utils import make_dataset, predictions, run, tiny_config, weights
 
 
@@ -85,7 +85,7 @@ def test_planted_pickle_in_a_checkpoint_is_refused_on_resume(trained, data, tmp_
     marker = tmp_path / "PWNED"
     _plant_metadata(latest_checkpoint(run_dir / "group0" / "checkpoints"), marker, fix_manifest=True)
     cfg = tiny_config(data, run_dir, "train.max_steps=12", "checkpoint.every_steps=4", "data.valid_dir=''")
-    from recsys_codistill.launch import launch
+    from recsys_codistill.train.launch import launch
 
     assert launch(cfg, quiet=True) != 0
     assert not marker.exists()
@@ -220,7 +220,7 @@ def _user_files(d: Path) -> Path:
 
 @pytest.mark.parametrize("where", ["unrelated", "run_dir", "cwd", "root", "data"])
 def test_exchange_dir_that_could_hold_user_files_is_refused_before_launch(data, tmp_path, where, monkeypatch):
-    from recsys_codistill.launch import preflight
+    from recsys_codistill.train.launch import preflight
 
     run_dir = tmp_path / "run"
     target = {
@@ -287,7 +287,7 @@ def test_protected_paths(tmp_path, where, monkeypatch):
 # -- a launch owns its run directory and its processes ------------------------------------------------------
 def _launcher(cfg_path: Path) -> subprocess.Popen:
     code = (
-        "import sys; from recsys_codistill.launch import launch; from recsys_codistill.config import load_config; "
+        "import sys; from recsys_codistill.train.launch import launch; from recsys_codistill.config import load_config; "
         f"sys.exit(launch(load_config('{cfg_path}'), quiet=True))"
     )
     return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
@@ -295,7 +295,7 @@ def _launcher(cfg_path: Path) -> subprocess.Popen:
 
 def _worker_pids(run_dir: Path) -> list[int]:
     out = subprocess.run(
-        ["pgrep", "-f", f"recsys_codistill.worker --config {run_dir}"], capture_output=True, text=True
+        ["pgrep", "-f", f"recsys_codistill.train.worker --config {run_dir}"], capture_output=True, text=True
     )
     return [int(x) for x in out.stdout.split()]
 
@@ -332,7 +332,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.dist
 def test_one_launch_per_run_dir_workers_listen_on_loopback_only_and_die_with_the_launcher(data, tmp_path):
     from recsys_codistill.config import save_resolved
-    from recsys_codistill.launch import launch
+    from recsys_codistill.train.launch import launch
 
     run_dir = tmp_path / "run"
     cfg = tiny_config(data, run_dir, "sharding.nproc=2", "data.epochs=50", "train.eval_every=0")
@@ -374,7 +374,7 @@ def test_one_launch_per_run_dir_workers_listen_on_loopback_only_and_die_with_the
 
 @pytest.mark.dist
 def test_a_non_finite_loss_stops_training_without_a_checkpoint(data, tmp_path):
-    from recsys_codistill.launch import EXIT_NO_RESTART, launch
+    from recsys_codistill.train.launch import EXIT_NO_RESTART, launch
 
     cfg = tiny_config(
         data, tmp_path / "nan", "optim.dense_lr=1e30", "optim.sparse_lr=1e30", "train.max_steps=8",
@@ -400,7 +400,7 @@ def test_a_failing_group_stops_the_others_and_its_exit_code_is_returned(data, tm
     try:
         assert _wait_for(lambda: len(_worker_pids(run_dir)) == 2), "the workers never started"
         group1 = subprocess.run(
-            ["pgrep", "-f", f"recsys_codistill.worker --config {run_dir}.* --group 1"],
+            ["pgrep", "-f", f"recsys_codistill.train.worker --config {run_dir}.* --group 1"],
             capture_output=True,
             text=True,
         ).stdout.split()

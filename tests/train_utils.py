@@ -41,7 +41,7 @@ def tiny_config(data: Path, run_dir: Path, *overrides: str) -> RunConfig:
 
 
 def run(cfg: RunConfig) -> None:
-    from recsys_codistill.launch import launch
+    from recsys_codistill.train.launch import launch
 
     code = launch(cfg, quiet=True)
     if code:
@@ -50,14 +50,14 @@ def run(cfg: RunConfig) -> None:
 
 
 def predictions(run_dir: Path, data: Path, group: int = 0) -> dict[str, np.ndarray]:
-    from recsys_codistill.predict import load_run, predict_logits
+    from recsys_codistill.train.predict import load_run, predict_logits
 
     cfg, model, _ = load_run(run_dir, group)
     return predict_logits(model, cfg, data)
 
 
 def weights(run_dir: Path, group: int = 0) -> dict[str, torch.Tensor]:
-    from recsys_codistill.predict import load_run
+    from recsys_codistill.train.predict import load_run
 
     _, model, _ = load_run(run_dir, group)
     return {k: v.clone() for k, v in model.state_dict().items()}

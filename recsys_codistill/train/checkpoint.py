@@ -31,7 +31,7 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from recsys_codistill import atomic, dcp_io, dist
 from recsys_codistill.config import CheckpointConfig
-from recsys_codistill.features import InputMapping
+from recsys_codistill.train.inputs import InputMapping
 
 KIND = "checkpoint"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -104,7 +104,7 @@ _WRAPPER_PREFIX = "model."
 
 def is_wrapped(model: nn.Module) -> bool:
     """True for DMP(CodistillTrain(model)), the layout TrainPipelineSparseDist needs."""
-    from recsys_codistill.codistill import CodistillTrain
+    from recsys_codistill.codistill.losses import CodistillTrain
 
     return isinstance(getattr(model, "module", None), CodistillTrain)
 

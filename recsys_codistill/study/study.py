@@ -38,8 +38,8 @@ from recsys_codistill.config import (
     to_dict,
     to_toml,
 )
-from recsys_codistill.evaluation import ensemble_probabilities
-from recsys_codistill.metrics import summary
+from recsys_codistill.eval.evaluation import ensemble_probabilities
+from recsys_codistill.eval.metrics import summary
 from recsys_codistill.run_dir import RunDir
 
 METHODS = ("baseline", "ensemble", "codistill")
@@ -218,7 +218,7 @@ def is_done(cfg: RunConfig) -> bool:
 
 
 def train_run(plan: Plan, cfg: RunConfig) -> None:
-    from recsys_codistill.launch import launch
+    from recsys_codistill.train.launch import launch
 
     if is_done(cfg):
         return
@@ -231,7 +231,8 @@ def train_run(plan: Plan, cfg: RunConfig) -> None:
 
 def predictions(cfg: RunConfig, valid: Path) -> dict[str, np.ndarray]:
     """Copy 0's predictions on the hold-out (cached next to the run)."""
-    from recsys_codistill.predict import load_run, predict_logits, write_predictions
+    from recsys_codistill.eval.predictions import write_predictions
+    from recsys_codistill.train.predict import load_run, predict_logits
 
     out = Path(cfg.run_dir) / "valid_predictions.parquet"
     if not out.is_file():
@@ -259,7 +260,7 @@ def learning_curve(cfg: RunConfig, group: int = 0) -> list[tuple[int, float]]:
 def measure_pair(
     a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: float, study: StudyConfig, rep: int
 ) -> dict[str, Any]:
-    from recsys_codistill.churn import align, churn_report
+    from recsys_codistill.eval.churn import align, churn_report
 
     al = align(a["row_id"], a["probability"], b["row_id"], b["probability"])
     report = churn_report(
@@ -453,7 +454,7 @@ def run(
         "versions": versions(),
     }
     (root / "study.json").write_text(json.dumps(result, indent=1))
-    from recsys_codistill.report import write_report
+    from recsys_codistill.study.report import write_report
 
     return write_report(root, result, methods=methods, base_toml=to_toml(base), config_text=config_text)
 

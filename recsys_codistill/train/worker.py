@@ -16,11 +16,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from recsys_codistill.checkpoint import NonFiniteError
 from recsys_codistill.config import load_config
-from recsys_codistill.launch import EXIT_NO_RESTART, STORE_ENV, die_with_parent
-from recsys_codistill.sharding import quiet_library_logs, resolve_backend, resolve_device
-from recsys_codistill.trainer import DistContext, train
+from recsys_codistill.train.checkpoint import NonFiniteError
+from recsys_codistill.train.launch import EXIT_NO_RESTART, STORE_ENV, die_with_parent
+from recsys_codistill.train.sharding import quiet_library_logs, resolve_backend, resolve_device
+from recsys_codistill.train.trainer import DistContext, train
 
 
 def main(argv: list[str] | None = None) -> None:

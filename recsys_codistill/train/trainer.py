@@ -4,7 +4,7 @@
 logger and validator; ``train_step(batch)`` is one optimizer step; ``train()`` is the loop, whose phases are
 epoch hooks → step → teachers → log → eval → checkpoint. Each component decides its own interval
 (``should_log``, ``should_validate``, ``should_save``); the teachers plug in through the
-:class:`~recsys_codistill.teacher_exchange.TeacherSource` hooks, so a new kind of teacher needs no change here.
+:class:`~recsys_codistill.codistill.exchange.TeacherSource` hooks, so a new kind of teacher needs no change here.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,12 @@ from torch import nn
 from data_pipeline.loader import CriteoStream
 from models import build_model
 from recsys_codistill import dist
-from recsys_codistill.checkpoint import (
+from recsys_codistill.codistill.exchange import TeacherSource
+from recsys_codistill.codistill.losses import CodistillTrain, LossParts, codistill_loss
+from recsys_codistill.config import OptimConfig, RunConfig
+from recsys_codistill.dist import DistContext
+from recsys_codistill.run_dir import RunDir
+from recsys_codistill.train.checkpoint import (
     Checkpointer,
     ModelState,
     NonFiniteError,
@@ -30,14 +34,10 @@ from recsys_codistill.checkpoint import (
     RNGState,
     TrainState,
 )
-from recsys_codistill.codistill import CodistillTrain, LossParts, codistill_loss
-from recsys_codistill.config import OptimConfig, RunConfig
-from recsys_codistill.dist import DistContext
-from recsys_codistill.features import InputMapping
-from recsys_codistill.predict import predict_batches
-from recsys_codistill.run_dir import RunDir
-from recsys_codistill.sharding import plan_summary, reinit_embeddings, shard_model
-from recsys_codistill.teacher_exchange import TeacherSource
+from recsys_codistill.train.inputs import InputMapping
+from recsys_codistill.train.metrics_log import MetricsLog
+from recsys_codistill.train.predict import predict_batches
+from recsys_codistill.train.sharding import plan_summary, reinit_embeddings, shard_model
 
 __all__ = ["DistContext", "Trainer", "build_sharded", "train"]
 
@@ -120,42 +120,13 @@ def eval_stream(
 
 
 def quality(pred: dict[str, np.ndarray]) -> dict[str, float]:
-    from recsys_codistill import metrics
+    from recsys_codistill.eval import metrics
 
     p = metrics.sigmoid(pred["logit"])
     return {**metrics.summary(pred["label"], p), "rows": int(len(p))}
 
 
 # -- components that own their intervals -----------------------------------------------------------------
-def _before(line: str, resume_step: int) -> bool:
-    """Whether a metrics.jsonl record stays when resuming at ``resume_step``: results of steps up to it do;
-    a re-initialisation logged at ``resume_step`` happens after that checkpoint, so it is replayed."""
-    rec = json.loads(line)
-    step = rec.get("step", 0)
-    return step < resume_step if rec.get("event") == "reinit_embeddings" else step <= resume_step
-
-
-class MetricsLog:
-    """``metrics.jsonl`` on rank 0: one JSON object per line. A resumed run continues the file from its
-    checkpoint's step: records of the steps it is about to replay are dropped, so no step appears twice."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int = 0) -> None:
-        self.enabled = enabled
-        self.f = None
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_file():
-                lines = path.read_text().splitlines()
-                kept = [line for line in lines if line.strip() and _before(line, resume_step)]
-                path.write_text("".join(line + "\n" for line in kept))
-            self.f = path.open("a")
-
-    def write(self, **record: Any) -> None:
-        if self.f is not None:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()
-
-
 class TrainLogger:
     """Running means of the loss parts between log lines, every ``log_every`` steps and at the end.
 
@@ -284,7 +255,7 @@ class Trainer:
         # teachers: today the peers of a codistillation run (the loop only knows the TeacherSource hooks)
         self.teachers: list[TeacherSource] = []
         if cfg.codistill.num_groups > 1:
-            from recsys_codistill.teacher_exchange import PeerExchange
+            from recsys_codistill.codistill.exchange import PeerExchange
 
             self.teachers.append(
                 PeerExchange(

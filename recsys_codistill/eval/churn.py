@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from recsys_codistill.metrics import as_numpy
+from recsys_codistill.eval.metrics import as_numpy
 
 __all__ = [
     "PROB_BUCKET_EDGES",
@@ -70,7 +70,7 @@ __all__ = [
 PROB_BUCKET_EDGES: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 #: TFMA's epsilon in the symmetric prediction difference.
 SPD_EPS = 1e-7
-#: Log-loss clipping, as in :func:`recsys_codistill.metrics.log_loss`.
+#: Log-loss clipping, as in :func:`recsys_codistill.eval.metrics.log_loss`.
 LOGLOSS_EPS = 1e-15
 #: P(w >= k) * 256 for k = 1..5 of the discretised Poisson(1) bootstrap weight (mean 1, variance 1).
 POISSON_TAIL_256: tuple[int, ...] = (162, 67, 21, 5, 1)

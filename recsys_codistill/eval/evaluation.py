@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from data_pipeline.manifest import MANIFEST, data_files
-from recsys_codistill import metrics
-from recsys_codistill.churn import align, check_threshold, churn_report
+from recsys_codistill.eval import metrics
+from recsys_codistill.eval.churn import align, check_threshold, churn_report
+from recsys_codistill.eval.predictions import Predictions, _read_columns, load_predictions
 
 __all__ = [
     "EVAL_SCHEMA",
@@ -51,60 +51,8 @@ __all__ = [
 ]
 
 EVAL_SCHEMA = "recsys_codistill.eval/1"
-PRED_COLUMNS: tuple[str, ...] = ("row_id", "label", "probability")
 # Missing categorical values become this sentinel (outside uint32), so "missing" is one frequent value.
 MISSING_FEATURE = -1
-
-
-class Predictions:
-    """One prediction file in memory: ids, labels (NaN = unlabelled) and probabilities."""
-
-    def __init__(self, path: Path, row_id: np.ndarray, label: np.ndarray, probability: np.ndarray) -> None:
-        self.path = path
-        self.row_id = row_id
-        self.label = label
-        self.probability = probability
-
-
-def _read_columns(path: Path, columns: Sequence[str], what: str) -> pa.Table:
-    """Read ``columns`` of a Parquet file with errors that name the file and the missing column."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        schema = pq.read_schema(path)
-    except Exception as exc:  # pyarrow raises several types for non-Parquet input
-        raise ValueError(f"{what} file {path} is not a readable Parquet file: {exc}") from exc
-    missing = [c for c in columns if c not in schema.names]
-    if missing:
-        raise ValueError(
-            f"{what} file {path} lacks column(s) {', '.join(map(repr, missing))} "
-            f"(it has: {', '.join(schema.names)})"
-        )
-    return pq.read_table(path, columns=list(columns))
-
-
-def load_predictions(path: str | Path) -> Predictions:
-    """Read and validate one prediction file."""
-    path = Path(path)
-    table = _read_columns(path, PRED_COLUMNS, "predictions")
-    ids_col = table.column("row_id")
-    if ids_col.null_count:
-        raise ValueError(f"predictions file {path}: column 'row_id' has {ids_col.null_count} nulls")
-    if not pa.types.is_integer(ids_col.type):
-        raise ValueError(f"predictions file {path}: column 'row_id' must be integer, got {ids_col.type}")
-    prob_col = table.column("probability")
-    if prob_col.null_count:
-        raise ValueError(f"predictions file {path}: column 'probability' has {prob_col.null_count} nulls")
-    row_id = ids_col.to_numpy().astype(np.int64, copy=False)
-    prob = pc.cast(prob_col, pa.float64()).to_numpy()
-    if prob.size and (np.isnan(prob).any() or prob.min() < 0 or prob.max() > 1):
-        raise ValueError(f"predictions file {path}: column 'probability' has NaN or values outside [0, 1]")
-    # Nulls become NaN (= unlabelled); cast first so an int8 column with nulls converts cleanly.
-    label = pc.cast(table.column("label"), pa.float64()).to_numpy(zero_copy_only=False)
-    lab = label[np.isfinite(label)]
-    if np.any((lab != 0) & (lab != 1)):
-        raise ValueError(f"predictions file {path}: column 'label' must be 0/1 or null")
-    return Predictions(path, row_id, label, prob)
 
 
 def ensemble_probabilities(member_probabilities: Sequence[Any]) -> np.ndarray:
@@ -133,7 +81,7 @@ def ensemble_logits(member_logits: Sequence[Any]) -> np.ndarray:
     """The ensemble of members given as logits, as a logit: ``logit(mean(sigmoid(z_i)))``.
 
     Probabilities are averaged (:func:`ensemble_probabilities`), not logits, and the mean is clipped to
-    ``[1e-12, 1 - 1e-12]`` before the log-odds (:func:`~recsys_codistill.metrics.logit`), so the result is
+    ``[1e-12, 1 - 1e-12]`` before the log-odds (:func:`~recsys_codistill.eval.metrics.logit`), so the result is
     finite.
 
     Parameters
@@ -255,7 +203,7 @@ def evaluate(
         Flip threshold, a finite number in (0, 1); None uses the base rate of the first file's labels
         (0.5, with a warning, if it has none or they are all of one class).
     bootstrap, seed : int
-        Bootstrap replicates and seed for :func:`~recsys_codistill.churn.churn_report`.
+        Bootstrap replicates and seed for :func:`~recsys_codistill.eval.churn.churn_report`.
     data_dir : path, optional
         Ingested Parquet directory (``manifest.json`` + shards with ``row_id`` and ``C1..C26``); adds
         churn per frequency bucket of ``feature``, frequency counted over all rows of ``data_dir``.

@@ -1,4 +1,4 @@
-"""``report.md`` and PNG plots of a churn study (see :mod:`recsys_codistill.study`).
+"""``report.md`` and PNG plots of a churn study (see :mod:`recsys_codistill.study.study`).
 
 The study's result dict is keyed by each row's :attr:`~recsys_codistill.study.Method.key` (as
 ``study.json`` is); the report is given the :class:`~recsys_codistill.study.Method` rows themselves and
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from recsys_codistill.study import Method
+    from recsys_codistill.study.study import Method
 
 PAPER = {  # Anil et al. 2018, Table 1 (full Criteo): validation log loss and churn
     "baseline": (0.4480, 0.029),

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import nn
@@ -24,13 +23,13 @@ from torch import nn
 from data_pipeline.loader import CriteoStream
 from data_pipeline.manifest import load_manifest
 from models import build_model
-from recsys_codistill.checkpoint import check_inputs, is_wrapped, latest_checkpoint, load_model_weights
 from recsys_codistill.config import RunConfig, load_config, replace
-from recsys_codistill.evaluation import ensemble_logits
-from recsys_codistill.features import InputMapping
-from recsys_codistill.metrics import sigmoid as _sigmoid
+from recsys_codistill.eval.evaluation import ensemble_logits
+from recsys_codistill.eval.predictions import check_finite, write_predictions
 from recsys_codistill.run_dir import RunDir
-from recsys_codistill.sharding import quiet_library_logs
+from recsys_codistill.train.checkpoint import check_inputs, is_wrapped, latest_checkpoint, load_model_weights
+from recsys_codistill.train.inputs import InputMapping
+from recsys_codistill.train.sharding import quiet_library_logs
 
 
 def load_run(
@@ -137,44 +136,6 @@ def predict_logits(
     if not labelled:  # the loader's 0s stand for missing labels
         pred["label"] = np.full(pred["label"].shape, np.nan, dtype=np.float32)
     return pred
-
-
-def check_finite(logit: np.ndarray, what: str) -> None:
-    """Refuse non-finite logits: a NaN/inf model output (diverged training, damaged weights) must never be
-    served as a probability."""
-    bad = int(np.count_nonzero(~np.isfinite(logit)))
-    if bad:
-        raise ValueError(
-            f"{what}: {bad} of {logit.size} rows have a non-finite logit (NaN or inf); refusing to write "
-            "predictions (the model's weights are probably non-finite: a diverged or damaged checkpoint)"
-        )
-
-
-def write_predictions(
-    path: str | Path, row_id: np.ndarray, label: np.ndarray, logit: np.ndarray, *, what: str = ""
-) -> Path:
-    """Write one predictions file atomically. ``label`` NaN = unlabelled row, written as null; ``what``
-    names the model in errors (default: the output path)."""
-    path = Path(path)
-    check_finite(logit, what or f"predictions for {path}")
-    label = np.asarray(label, dtype=np.float64)
-    missing = np.isnan(label)
-    if np.any((label[~missing] != 0) & (label[~missing] != 1)):
-        raise ValueError(f"{what or f'predictions for {path}'}: labels must be 0, 1 or NaN (unlabelled)")
-    probability = _sigmoid(logit)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table(
-        {
-            "row_id": pa.array(row_id, pa.int64()),
-            "label": pa.array(np.where(missing, 0, label).astype(np.int8), pa.int8(), mask=missing),
-            "logit": pa.array(logit, pa.float64()),
-            "probability": pa.array(probability, pa.float64()),
-        }
-    )
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
 
 
 def predict(

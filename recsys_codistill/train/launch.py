@@ -1,7 +1,7 @@
 """Start every co-distilling group from a single command, and supervise it.
 
 Groups never share a process group: each is its own torch.distributed world with its own rendezvous
-(DESIGN §4), and they exchange models only through checkpoint directories. If any group fails (past
+(docs/architecture.md), and they exchange models only through checkpoint directories. If any group fails (past
 ``sharding.max_restarts``), the others are stopped and the failing group's exit code is returned.
 
 Single node (``nnodes = 1``, the default): the launcher starts the ranks itself. They meet through a
@@ -32,8 +32,8 @@ from pathlib import Path
 
 from recsys_codistill import atomic
 from recsys_codistill.config import ConfigError, RunConfig, save_resolved, to_toml
-from recsys_codistill.features import prepare_vocab
 from recsys_codistill.run_dir import RunDir, RunDirBusy
+from recsys_codistill.train.inputs import prepare_vocab
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -81,7 +81,7 @@ def check_exchange_dir(cfg: RunConfig) -> Path:
     refused if it equals or contains the run directory, a data directory, the working directory, the home
     directory or a filesystem root, if it lies inside a data directory, or if it holds files this project
     did not write."""
-    from recsys_codistill.teacher_exchange import ROOT_MARKER
+    from recsys_codistill.codistill.exchange import ROOT_MARKER
 
     root = RunDir(cfg.run_dir).exchange(cfg.codistill.exchange_dir)
     data = {"data.train_dir": cfg.data.train_dir, "data.valid_dir": cfg.data.valid_dir}
@@ -107,8 +107,8 @@ def check_exchange_dir(cfg: RunConfig) -> Path:
 def check_resumable(cfg: RunConfig, vocab: object) -> None:
     """A checkpoint trained under another input mapping must be refused here, before config.toml is
     overwritten (the workers check too, but by then the run's recorded settings would be gone)."""
-    from recsys_codistill.checkpoint import check_inputs, latest_checkpoint
-    from recsys_codistill.features import InputMapping
+    from recsys_codistill.train.checkpoint import check_inputs, latest_checkpoint
+    from recsys_codistill.train.inputs import InputMapping
 
     for g in range(cfg.codistill.num_groups):
         ckpt = latest_checkpoint(RunDir(cfg.run_dir).checkpoints(g))
@@ -150,7 +150,7 @@ def torch_cuda_available() -> bool:
 
 def fresh_start(cfg: RunConfig) -> bool:
     """No group has a checkpoint to resume from."""
-    from recsys_codistill.checkpoint import list_checkpoints
+    from recsys_codistill.train.checkpoint import list_checkpoints
 
     if not cfg.checkpoint.resume:
         return True
@@ -161,7 +161,7 @@ def fresh_start(cfg: RunConfig) -> bool:
     )
 
 
-WORKER_MODULE = "recsys_codistill.worker"
+WORKER_MODULE = "recsys_codistill.train.worker"
 STORE_ENV = "RECSYS_CODISTILL_STORE"  # FileStore path of a launcher-spawned group (worker.py reads it)
 EXIT_NO_RESTART = 3  # a worker's "restarting would fail the same way" (a non-finite loss)
 
@@ -180,7 +180,7 @@ def die_with_parent(parent: int | None = None) -> None:
 # Run in the child before the real command: the death signal survives exec, and setting it in the child
 # itself avoids subprocess's preexec_fn, which is unsafe in threaded programs (a study launches from threads).
 _CHILD_PRELUDE = (
-    "import os, sys; from recsys_codistill.launch import die_with_parent; "
+    "import os, sys; from recsys_codistill.train.launch import die_with_parent; "
     "die_with_parent(int(sys.argv[1])); os.execv(sys.argv[2], sys.argv[2:])"
 )
 
@@ -330,8 +330,8 @@ def launch(cfg: RunConfig, *, quiet: bool = False) -> int:
 def _clean_earlier_attempt(cfg: RunConfig, rd: RunDir, fresh: bool) -> None:
     """Remove what an earlier attempt in this run directory left and must not be reused, and only what this
     project provably wrote (checkpoints and versions carry its manifest, the exchange root its marker)."""
-    from recsys_codistill.checkpoint import KIND, list_checkpoints
-    from recsys_codistill.teacher_exchange import claim_root, clear_versions
+    from recsys_codistill.codistill.exchange import claim_root, clear_versions
+    from recsys_codistill.train.checkpoint import KIND, list_checkpoints
 
     if cfg.codistill.num_groups > 1:
         root = rd.exchange(cfg.codistill.exchange_dir)
@@ -417,7 +417,7 @@ def _launch_locked(cfg: RunConfig, rd: RunDir, quiet: bool) -> int:
         return code or 1
     if cfg.codistill.num_groups > 1 and not cfg.codistill.keep_exchange:
         # Every group finished: no one will load these versions again (only ours are removed).
-        from recsys_codistill.teacher_exchange import clear_versions
+        from recsys_codistill.codistill.exchange import clear_versions
 
         clear_versions(rd.exchange(cfg.codistill.exchange_dir), cfg.codistill.num_groups)
     return 0

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from recsys_codistill import atomic, dcp_io, dist
-from recsys_codistill.checkpoint import model_state_dict
 from recsys_codistill.config import CodistillConfig
+from recsys_codistill.train.checkpoint import model_state_dict
 
 KIND = "teacher_version"
 ROOT_MARKER = ".recsys-codistill-exchange"

@@ -1,6 +1,6 @@
 """Shard a model over one group's torch.distributed world with TorchRec's DistributedModelParallel.
 
-- Plan: ``EmbeddingShardingPlanner.plan()`` (deterministic, no collective; DESIGN §7) with one
+- Plan: ``EmbeddingShardingPlanner.plan()`` (deterministic, no collective) with one
   ``ParameterConstraints`` per table pinning the configured sharding type and the ``fused`` kernel.
 - Sparse optimizer: applied *in backward* (``apply_optimizer_in_backward``), which the sharders fuse into
   fbgemm's table-batched embedding kernel: tables are updated row-wise during backward, never all-reduced.
@@ -113,7 +113,7 @@ def make_plan(
 
 
 def check_plan(plan: ShardingPlan, constraints: dict[str, ParameterConstraints]) -> None:
-    """An empty sharder list silently yields an empty plan (DESIGN §7): refuse anything incomplete."""
+    """An empty sharder list silently yields an empty plan: refuse anything incomplete."""
     planned: dict[str, tuple[str, str]] = {}
     for module_plan in plan.plan.values():
         for name, ps in module_plan.items():  # type: ignore[union-attr]

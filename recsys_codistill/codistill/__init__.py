@@ -1,0 +1,1 @@
+"""Codistillation: the losses and the teacher sources (TeacherSource; PeerExchange through DCP versions)."""

@@ -1,0 +1,1 @@
+"""The churn study (baseline / ensemble / codistillation over repeats) and its report."""
