@@ -69,7 +69,10 @@ def logistic_regression(data: Path) -> dict[str, float]:
     def fit(x, y, c):  # noqa: ANN001, ANN202
         return LogisticRegression(C=c, max_iter=300, solver="liblinear").fit(x, y)
 
-    tune = {c: metrics.log_loss(ytr[cut:], fit(xtr[:cut], ytr[:cut], c).predict_proba(xtr[cut:])[:, 1]) for c in grid}
+    tune = {
+        c: metrics.log_loss(ytr[cut:], fit(xtr[:cut], ytr[:cut], c).predict_proba(xtr[cut:])[:, 1])
+        for c in grid
+    }
     on_holdout = {c: fit(xtr, ytr, c).predict_proba(xva)[:, 1] for c in grid}
     c_best = min(tune, key=tune.get)
     c_oracle = min(grid, key=lambda c: metrics.log_loss(yva, on_holdout[c]))
@@ -105,7 +108,9 @@ def dlrm(data: Path, run_dir: Path, *overrides: str) -> dict[str, object]:
             raise RuntimeError(f"training failed; see {run_dir}-{seed}/group0/launcher.log")
         lines = (Path(f"{run_dir}-{seed}") / "group0" / "metrics.jsonl").read_text().splitlines()
         final = [json.loads(x) for x in lines if '"final"' in x][-1]
-        runs.append({"seed": seed, "log_loss": round(final["valid_log_loss"], 5), "auc": round(final["valid_auc"], 4)})
+        runs.append(
+            {"seed": seed, "log_loss": round(final["valid_log_loss"], 5), "auc": round(final["valid_auc"], 4)}
+        )
     mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("log_loss", "auc")}
     return {"log_loss": round(mean["log_loss"], 5), "auc": round(mean["auc"], 4), "runs": runs}
 
@@ -120,17 +125,28 @@ def synthetic_gap(tmp: Path) -> dict[str, float]:
     from recsys_codistill.eval import metrics
 
     generate(tmp / "raw", 200_000, 0)
-    ingest(sorted((tmp / "raw").glob("*.tsv.gz")), tmp / "syn", valid_fraction=0.2, split="time", progress=False)
+    ingest(
+        sorted((tmp / "raw").glob("*.tsv.gz")), tmp / "syn", valid_fraction=0.2, split="time", progress=False
+    )
     from recsys_codistill.config import load_config
     from recsys_codistill.train.launch import launch
 
     cfg = load_config(
         ROOT / "configs" / "demo.toml",
-        [f'data.train_dir="{tmp / "syn" / "train"}"', f'data.valid_dir="{tmp / "syn" / "valid"}"', f'run_dir="{tmp / "synrun"}"', "train.progress=false"],
+        [
+            f'data.train_dir="{tmp / "syn" / "train"}"',
+            f'data.valid_dir="{tmp / "syn" / "valid"}"',
+            f'run_dir="{tmp / "synrun"}"',
+            "train.progress=false",
+        ],
     )
     if launch(cfg, quiet=True):
         raise RuntimeError("synthetic training failed")
-    final = [json.loads(x) for x in (tmp / "synrun" / "group0" / "metrics.jsonl").read_text().splitlines() if '"final"' in x][-1]
+    final = [
+        json.loads(x)
+        for x in (tmp / "synrun" / "group0" / "metrics.jsonl").read_text().splitlines()
+        if '"final"' in x
+    ][-1]
     va = table(tmp / "syn" / "valid")
     truth = pq.read_table(tmp / "raw" / "truth.parquet")["probability"].to_numpy()[va["row_id"].to_numpy()]
     y = va["label"].to_numpy().astype(np.float64)
@@ -165,7 +181,9 @@ def main() -> None:
         out["logistic_regression"] = logistic_regression(tmp / "toy")
         lr_ll = out["logistic_regression"]["log_loss"]
         out["dlrm_beats_lr_on_log_loss"] = out["dlrm"]["log_loss"] < lr_ll
-        out["dlrm_seeds_beating_lr"] = f"{sum(r['log_loss'] < lr_ll for r in out['dlrm']['runs'])}/{len(SEEDS)}"
+        out["dlrm_seeds_beating_lr"] = (
+            f"{sum(r['log_loss'] < lr_ll for r in out['dlrm']['runs'])}/{len(SEEDS)}"
+        )
     else:
         out["skipped"] = f"{SAMPLE} not found"
     if os.environ.get("BENCH_SKIP_SYNTHETIC") != "1":

@@ -154,7 +154,11 @@ def time_tsv_to_npys(path: Path, rows: int, work: Path) -> tuple[float, int]:
     n = sum(1 for _ in open(subset, "rb"))
     t = time.perf_counter()
     BinaryCriteoUtils.tsv_to_npys(
-        str(subset), str(work / "dense.npy"), str(work / "sparse.npy"), str(work / "labels.npy"), "criteo_kaggle"
+        str(subset),
+        str(work / "dense.npy"),
+        str(work / "sparse.npy"),
+        str(work / "labels.npy"),
+        "criteo_kaggle",
     )
     return time.perf_counter() - t, n
 
@@ -223,7 +227,8 @@ def main() -> None:
         "ratio_vs_tsv_to_npys": round(ingest_rps / npys_rps, 1),
         "goal_vs_read_csv": GOAL_VS_READ_CSV,
         "goal_vs_tsv_to_npys": GOAL_VS_NPYS,
-        "meets_goals": ingest_rps >= GOAL_VS_READ_CSV * read_csv_rps and ingest_rps >= GOAL_VS_NPYS * npys_rps,
+        "meets_goals": ingest_rps >= GOAL_VS_READ_CSV * read_csv_rps
+        and ingest_rps >= GOAL_VS_NPYS * npys_rps,
         "ingest_s": round(best["seconds"], 2),
         "ingest_cpu_s": round(best["cpu_s"], 2),
         "ingest_s_all_runs": [round(r["seconds"], 2) for r in runs],

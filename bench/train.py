@@ -69,7 +69,9 @@ def reference(cfg, batches) -> float:
     torch.manual_seed(0)
     ebc = build_ebc(cfg.model.resolved_table_sizes(), 16, "meta")
     model = DLRMTrain(DLRM(ebc, 13, [512, 256, 16], [512, 512, 256, 1], dense_device=torch.device("cpu")))
-    apply_optimizer_in_backward(RowWiseAdagrad, model.model.sparse_arch.parameters(), {"lr": cfg.optim.sparse_lr})
+    apply_optimizer_in_backward(
+        RowWiseAdagrad, model.model.sparse_arch.parameters(), {"lr": cfg.optim.sparse_lr}
+    )
     dmp = DistributedModelParallel(module=model, device=torch.device("cpu"))
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
@@ -107,7 +109,9 @@ def breakdown(cfg, batches) -> dict[str, float]:
 
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
     sm = build_sharded(cfg, ctx, seed=1)
-    stream = CriteoStream(cfg.data.train_dir, batch_size=B, table_sizes=cfg.model.resolved_table_sizes(), epochs=10)
+    stream = CriteoStream(
+        cfg.data.train_dir, batch_size=B, table_sizes=cfg.model.resolved_table_sizes(), epochs=10
+    )
     it = iter(stream)
     t = {"data": 0.0, "forward": 0.0, "backward_and_sparse_update": 0.0, "dense_optimizer": 0.0}
     for i in range(len(batches)):
@@ -141,7 +145,9 @@ def main() -> None:
     batches = [next(it) for _ in range(STEPS)]
 
     ref_mem = reference(cfg, batches)
-    ref = reference(cfg, CriteoStream(data, batch_size=B, table_sizes=cfg.model.resolved_table_sizes(), epochs=10))
+    ref = reference(
+        cfg, CriteoStream(data, batch_size=B, table_sizes=cfg.model.resolved_table_sizes(), epochs=10)
+    )
     our = ours(cfg)
     parts = breakdown(cfg, batches)
     dist.destroy_process_group()

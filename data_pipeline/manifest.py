@@ -26,7 +26,9 @@ def load_manifest(data_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     have ``path`` and ``rows`` and to name a file inside ``data_dir`` (see :func:`check_manifest_entry`)."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
-        raise MissingDataset(f"{path}: no manifest.json in data directory {data_dir} (run the ingester first)")
+        raise MissingDataset(
+            f"{path}: no manifest.json in data directory {data_dir} (run the ingester first)"
+        )
     try:
         manifest = json.loads(path.read_text())
         files = manifest["files"]

@@ -56,5 +56,3 @@ class DCN(_TorchrecDLRM_DCN):
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         return super().forward(dense_features, sparse_features).squeeze(-1)
-
-

@@ -53,3 +53,10 @@ def test_run_directory_names_have_one_owner():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and node.value in names:
                 raise AssertionError(f"{path}:{node.lineno} spells {node.value!r}; ask RunDir")
+
+
+def test_ruff_check_and_format_are_clean():
+    # CI runs `make test` only: lint and the 110-column format are kept clean here.
+    for args in (["check", "."], ["format", "--check", "."]):
+        done = subprocess.run([sys.executable, "-m", "ruff", *args], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, f"ruff {' '.join(args)}:\n{done.stdout[-3000:]}{done.stderr[-2000:]}"

@@ -165,7 +165,10 @@ def test_overwrite_refuses_a_directory_ingest_did_not_make(tmp_path: Path) -> No
     ckpt.mkdir()
     (ckpt / "manifest.json").write_text(
         json.dumps(
-            {"created_by": "recsys-codistill 0.1 recsys_codistill.train.checkpoint", "files": [{"path": "w.pt"}]}
+            {
+                "created_by": "recsys-codistill 0.1 recsys_codistill.train.checkpoint",
+                "files": [{"path": "w.pt"}],
+            }
         )
     )
     (ckpt / "w.pt").write_bytes(b"weights")

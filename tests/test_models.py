@@ -18,8 +18,15 @@ def kjt(batch: int, size: int = 10) -> KeyedJaggedTensor:
 def test_models_return_one_logit_per_example_and_train(arch):
     torch.manual_seed(0)
     model = build_model(
-        arch, table_sizes=[10] * 26, embedding_dim=4, dense_arch=[8, 4], over_arch=[8, 1],
-        dcn_num_layers=2, dcn_low_rank=4, mlp_layers=[16, 8], device="cpu",
+        arch,
+        table_sizes=[10] * 26,
+        embedding_dim=4,
+        dense_arch=[8, 4],
+        over_arch=[8, 1],
+        dcn_num_layers=2,
+        dcn_low_rank=4,
+        mlp_layers=[16, 8],
+        device="cpu",
     )
     x, s = torch.rand(32, 13), kjt(32)
     y = (x[:, 0] > 0.5).float()

@@ -19,10 +19,10 @@ from torch import nn
 from data_pipeline.preprocess import ingest
 from data_pipeline.synthetic import generate
 from models import build_model
-from recsys_codistill.train import predict as predict_mod
 from recsys_codistill.cli import main as cli_main
 from recsys_codistill.config import RunConfig, load_config
 from recsys_codistill.eval.evaluation import evaluate, format_table
+from recsys_codistill.train import predict as predict_mod
 from recsys_codistill.train.predict import dataset_is_labelled, predict, write_predictions
 
 ROWS = 300

@@ -75,7 +75,13 @@ def test_reinit_embeddings_resets_tables_and_their_optimizer_state(tmp_path, sha
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         cwd=ROOT,
-        env={"DATA": str(tmp_path / "data"), "SHARDING": sharding_type, "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+        env={
+            "DATA": str(tmp_path / "data"),
+            "SHARDING": sharding_type,
+            "PATH": "/usr/bin:/bin",
+            "PYTHONWARNINGS": "ignore",
+            "OMP_NUM_THREADS": "1",
+        },
         capture_output=True,
         text=True,
         timeout=300,

@@ -24,13 +24,22 @@ def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("codistill"))
 
 
-CODISTILL = ["codistill.num_groups=2", "codistill.burn_in_steps=4", "codistill.exchange_every=4", "train.max_steps=16"]
+CODISTILL = [
+    "codistill.num_groups=2",
+    "codistill.burn_in_steps=4",
+    "codistill.exchange_every=4",
+    "train.max_steps=16",
+]
 
 
 @pytest.mark.dist
 def test_zero_weight_is_bit_identical_to_the_baseline(data, tmp_path):
     run(tiny_config(data, tmp_path / "base", "train.max_steps=16"))
-    run(tiny_config(data, tmp_path / "w0", *CODISTILL, "codistill.distill_weight=0.0", "codistill.data=shared"))
+    run(
+        tiny_config(
+            data, tmp_path / "w0", *CODISTILL, "codistill.distill_weight=0.0", "codistill.data=shared"
+        )
+    )
     wa, wb = weights(tmp_path / "base"), weights(tmp_path / "w0", group=0)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -50,15 +59,27 @@ def test_lockstep_codistillation_is_reproducible_and_uses_the_teacher(data, tmp_
     # versions only serve training: gone once every group finished
     assert not (tmp_path / "a" / "exchange").exists()
     # the groups are different models (different seeds and data)
-    assert not np.array_equal(predictions(tmp_path / "a", data, 0)["logit"], predictions(tmp_path / "a", data, 1)["logit"])
+    assert not np.array_equal(
+        predictions(tmp_path / "a", data, 0)["logit"], predictions(tmp_path / "a", data, 1)["logit"]
+    )
 
 
 def test_disjoint_groups_partition_the_training_rows(tiny_parquet):
     seen = []
     for g in (0, 1):
         for r in (0, 1):
-            s = CriteoStream(tiny_parquet, batch_size=4, table_sizes=[10] * 26, group=g, num_groups=2, rank=r,
-                             world_size=2, shared=False, shuffle=True, drop_last=False)
+            s = CriteoStream(
+                tiny_parquet,
+                batch_size=4,
+                table_sizes=[10] * 26,
+                group=g,
+                num_groups=2,
+                rank=r,
+                world_size=2,
+                shared=False,
+                shuffle=True,
+                drop_last=False,
+            )
             ids = np.concatenate([b.row_ids.numpy() for b in s])
             seen.append(set(ids[ids >= 0].tolist()))
     total = json.loads((Path(tiny_parquet) / "manifest.json").read_text())["rows"]
@@ -95,16 +116,27 @@ def test_torn_versions_are_never_loaded(tmp_path):
 @pytest.mark.slow
 def test_a_killed_rank_restarts_from_its_checkpoint_and_the_run_completes(data, tmp_path):
     cfg = tiny_config(
-        data, tmp_path / "ft", "codistill.num_groups=2", "codistill.burn_in_steps=4", "codistill.exchange_every=4",
-        "codistill.exchange_mode=async", "codistill.max_staleness_steps=1000", "sharding.max_restarts=2",
-        "checkpoint.every_steps=4", "data.epochs=3",
+        data,
+        tmp_path / "ft",
+        "codistill.num_groups=2",
+        "codistill.burn_in_steps=4",
+        "codistill.exchange_every=4",
+        "codistill.exchange_mode=async",
+        "codistill.max_staleness_steps=1000",
+        "sharding.max_restarts=2",
+        "checkpoint.every_steps=4",
+        "data.epochs=3",
     )
     from recsys_codistill.config import save_resolved
 
     save_resolved(cfg, cfg.run_dir)
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from recsys_codistill.train.launch import launch; from recsys_codistill.config import load_config; "
-         f"import sys; sys.exit(launch(load_config('{cfg.run_dir}/config.toml'), quiet=True))"],
+        [
+            sys.executable,
+            "-c",
+            "from recsys_codistill.train.launch import launch; from recsys_codistill.config import load_config; "
+            f"import sys; sys.exit(launch(load_config('{cfg.run_dir}/config.toml'), quiet=True))",
+        ],
     )
     ckpts = Path(cfg.run_dir) / "group1" / "checkpoints"
     deadline = time.time() + 120
@@ -112,7 +144,9 @@ def test_a_killed_rank_restarts_from_its_checkpoint_and_the_run_completes(data, 
         time.sleep(0.2)
     assert list(ckpts.glob("step_*")), "group 1 never checkpointed"
     # kill -9 the worker process of group 1 (the child of its torchrun agent)
-    out = subprocess.run(["pgrep", "-f", "recsys_codistill.train.worker.*--group 1"], capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        ["pgrep", "-f", "recsys_codistill.train.worker.*--group 1"], capture_output=True, text=True
+    ).stdout.split()
     assert out, "no group 1 worker found"
     os.kill(int(out[-1]), signal.SIGKILL)
     assert proc.wait(timeout=300) == 0

@@ -53,7 +53,11 @@ def test_two_ranks_match_one_rank_and_learn(data, tmp_path, sharding_type):
     # 2-rank model must predict exactly what the 1-rank model predicts.
     frozen = ["optim.sparse_lr=0.0", "optim.dense_lr=0.0", "train.max_steps=2"]
     run(tiny_config(data, tmp_path / "one", *frozen))
-    run(tiny_config(data, tmp_path / "two", *frozen, "sharding.nproc=2", f"sharding.sharding_type={sharding_type}"))
+    run(
+        tiny_config(
+            data, tmp_path / "two", *frozen, "sharding.nproc=2", f"sharding.sharding_type={sharding_type}"
+        )
+    )
     p1, p2 = predictions(tmp_path / "one", data), predictions(tmp_path / "two", data)
     np.testing.assert_allclose(p1["logit"], p2["logit"], rtol=0, atol=1e-6)
     # and a real 2-rank run learns (checked once: the equivalence above covers the other sharding type)
@@ -77,7 +81,9 @@ def test_two_ranks_match_one_rank_and_learn(data, tmp_path, sharding_type):
     ],
 )
 def test_bad_config_fails_before_any_process_starts(tmp_path, capsys, override, message):
-    code = cli_main(["train", "--run-dir", str(tmp_path / "r"), "--set", "sharding.nproc=2", "--set", override])
+    code = cli_main(
+        ["train", "--run-dir", str(tmp_path / "r"), "--set", "sharding.nproc=2", "--set", override]
+    )
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
@@ -87,7 +93,11 @@ def test_sparse_dist_pipeline_matches_the_plain_loop(data, tmp_path):
     # TorchRec's TrainPipelineSparseDist (the GPU default) runs on CPU too: same math as the plain loop,
     # and its checkpoints load into the plain model for predict.
     run(tiny_config(data, tmp_path / "plain", "train.max_steps=12", "train.pipeline=plain"))
-    run(tiny_config(data, tmp_path / "pipe", "train.max_steps=12", "train.pipeline=sparse_dist", "train.eval_every=6"))
+    run(
+        tiny_config(
+            data, tmp_path / "pipe", "train.max_steps=12", "train.pipeline=sparse_dist", "train.eval_every=6"
+        )
+    )
     pa, pb = predictions(tmp_path / "plain", data), predictions(tmp_path / "pipe", data)
     np.testing.assert_allclose(pa["logit"], pb["logit"], rtol=0, atol=1e-5)
 
@@ -101,7 +111,9 @@ def test_dense_buckets_and_rare_id_vocabulary_end_to_end(data, tmp_path):
     from data_pipeline.vocab import IdVocabulary, build
     from recsys_codistill.eval import metrics as m
 
-    cfg = tiny_config(data, tmp_path / "r", "model.dense_buckets=32", "data.min_id_count=3", "train.max_steps=16")
+    cfg = tiny_config(
+        data, tmp_path / "r", "model.dense_buckets=32", "data.min_id_count=3", "train.max_steps=16"
+    )
     run(cfg)
     saved = IdVocabulary.load(tmp_path / "r" / "vocab.parquet")
     fresh = build(data, 3)
@@ -135,7 +147,11 @@ def test_resume_keeps_the_vocabulary_and_refuses_a_changed_threshold(data, tmp_p
     assert any(x.get("event") == "resume" and x["step"] == 8 for x in metrics(tmp_path / "r"))
     assert (tmp_path / "r" / "vocab.parquet").read_bytes() == before
     # Starting over (resume = false) recounts, and drops the earlier attempt's checkpoints.
-    run(tiny_config(data, tmp_path / "r", *base, "data.min_id_count=0", "train.max_steps=4", "checkpoint.resume=false"))
+    run(
+        tiny_config(
+            data, tmp_path / "r", *base, "data.min_id_count=0", "train.max_steps=4", "checkpoint.resume=false"
+        )
+    )
     assert not (tmp_path / "r" / "vocab.parquet").exists()
     assert sorted(p.name for p in (tmp_path / "r" / "group0" / "checkpoints").iterdir()) == ["step_00000004"]
 
@@ -152,10 +168,15 @@ def test_checkpoint_records_model_inputs_and_refuses_others(data, tmp_path):
     run(tiny_config(data, tmp_path / "r", *base, "train.max_steps=4"))
     (ckpt,) = (tmp_path / "r" / "group0" / "checkpoints").iterdir()
     saved = json.loads((ckpt / "inputs.json").read_text())
-    assert saved["id_mapping"] == "mod" and saved["table_sizes"] == [1000] * 26 and saved["vocab_sha256"] is None
+    assert (
+        saved["id_mapping"] == "mod" and saved["table_sizes"] == [1000] * 26 and saved["vocab_sha256"] is None
+    )
     config_before = (tmp_path / "r" / "config.toml").read_text()
     with pytest.raises(ConfigError, match="id_mapping: 'mod' -> 'hash'"):
-        launch(tiny_config(data, tmp_path / "r", *base, 'data.id_mapping="hash"', "train.max_steps=8"), quiet=True)
+        launch(
+            tiny_config(data, tmp_path / "r", *base, 'data.id_mapping="hash"', "train.max_steps=8"),
+            quiet=True,
+        )
     # refused before anything was written: the run's recorded config is intact and it still predicts
     assert (tmp_path / "r" / "config.toml").read_text() == config_before
     assert len(predictions(tmp_path / "r", data)["logit"]) == 8192

@@ -413,7 +413,9 @@ def test_a_failing_group_stops_the_others_and_its_exit_code_is_returned(data, tm
             proc.kill()
 
 
-@pytest.mark.parametrize("damage", ["truncated-shard", "deleted-shard", "damaged-metadata", "deleted-manifest"])
+@pytest.mark.parametrize(
+    "damage", ["truncated-shard", "deleted-shard", "damaged-metadata", "deleted-manifest"]
+)
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(trained, tmp_path, damage, capsys):
     run_dir = _copy(trained, tmp_path / "run")
     ckpts = run_dir / "group0" / "checkpoints"

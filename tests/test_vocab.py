@@ -29,7 +29,9 @@ def _repetitive(data_dir: Path, rows: int = 300, seed: int = 0) -> tuple[Path, d
         cols = {"row_id": np.arange(lo, hi), "label": (rng.random(hi - lo) < 0.3).astype(np.int8)}
         cols |= {c: pa.array(np.full(hi - lo, 1, np.int32)) for c in DENSE_COLUMNS}
         cols |= {c: pa.array(raw[c][lo:hi].astype(np.uint32), mask=null[c][lo:hi]) for c in SPARSE_COLUMNS}
-        pq.write_table(pa.table(cols).cast(parquet_schema()), data_dir / f"part-{i}.parquet", row_group_size=50)
+        pq.write_table(
+            pa.table(cols).cast(parquet_schema()), data_dir / f"part-{i}.parquet", row_group_size=50
+        )
         files.append({"path": f"part-{i}.parquet", "rows": hi - lo})
     (data_dir / "manifest.json").write_text(json.dumps({"schema_version": 1, "files": files, "rows": rows}))
     present = {c: raw[c][~null[c]].astype(np.uint32) for c in SPARSE_COLUMNS}
@@ -55,7 +57,9 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
     vocab.save(tmp_path / "v" / "vocab.parquet")
     again = IdVocabulary.load(tmp_path / "v" / "vocab.parquet")
     assert again.min_count == 2 and again.source == str(data) and again.sizes() == vocab.sizes()
-    assert all(np.array_equal(a, b) and b.dtype == np.uint32 for a, b in zip(vocab.kept, again.kept, strict=True))
+    assert all(
+        np.array_equal(a, b) and b.dtype == np.uint32 for a, b in zip(vocab.kept, again.kept, strict=True)
+    )
     assert not list((tmp_path / "v").glob("*.tmp"))
     pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
     with pytest.raises(ValueError, match="other.parquet: not a recsys-codistill id vocabulary"):
@@ -94,7 +98,9 @@ def test_stream_with_vocabulary_maps_rare_ids_to_row_1(tmp_path):
         kept = vocab.is_kept(f, ids)
         got = rows.sparse[:, f]
         assert (got[~valid] == 0).all() and (got[valid & ~kept] == 1).all() and (got[valid & kept] >= 2).all()
-    batches = list(CriteoStream(data, batch_size=64, table_sizes=sizes, vocab=vocab, shuffle=False, drop_last=False))
+    batches = list(
+        CriteoStream(data, batch_size=64, table_sizes=sizes, vocab=vocab, shuffle=False, drop_last=False)
+    )
     assert sum(int((b.row_ids >= 0).sum()) for b in batches) == 300
     with pytest.raises(ValueError, match="row 1 = rare ids"):
         CriteoStream(data, batch_size=64, table_sizes=[2] * 26, vocab=vocab)
@@ -109,7 +115,15 @@ def test_stream_batches_equal_direct_decoding_with_both_options(tmp_path):
     vocab = build(data, 2)
     sizes = [97] * 26
     (batch,) = list(
-        CriteoStream(data, batch_size=300, table_sizes=sizes, dense_buckets=16, vocab=vocab, shuffle=False, drop_last=False)
+        CriteoStream(
+            data,
+            batch_size=300,
+            table_sizes=sizes,
+            dense_buckets=16,
+            vocab=vocab,
+            shuffle=False,
+            drop_last=False,
+        )
     )
     table = pa.concat_tables([pq.read_table(data / f"part-{i}.parquet") for i in range(3)])
     want = table_to_batch(table, sizes, dense_buckets=16, vocab=vocab)

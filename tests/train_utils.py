@@ -45,7 +45,9 @@ def run(cfg: RunConfig) -> None:
 
     code = launch(cfg, quiet=True)
     if code:
-        logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in Path(cfg.run_dir).glob("group*/launcher.log"))
+        logs = "\n".join(
+            p.read_text(errors="replace")[-3000:] for p in Path(cfg.run_dir).glob("group*/launcher.log")
+        )
         raise AssertionError(f"training failed with exit code {code}:\n{logs}")
 
 
