@@ -365,7 +365,8 @@ def _launch_locked(cfg: RunConfig, rd: RunDir, quiet: bool) -> int:
     # The workers' own copy: a file no other launch writes, so they train exactly what this launch resolved.
     rd.launches.mkdir(exist_ok=True)
     for stale in rd.launches.glob("launch-*"):
-        stale.unlink()  # left by a launcher killed earlier (we hold the lock: no one else uses them)
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink()  # left by a launcher killed earlier (we hold the lock: no one else uses them)
     config_path = rd.launches / f"launch-{int(time.time())}-{os.getpid()}-{secrets.token_hex(3)}.toml"
     config_path.write_text(to_toml(cfg))
     env = dict(os.environ)

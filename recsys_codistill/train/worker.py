@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", required=True, help="resolved config.toml written by the launcher")
     p.add_argument("--group", type=int, default=0)
     args = p.parse_args(argv)
-    # Under torchrun our parent is its agent: die with it too (the launcher's own children have this set).
+    # Under torchrun our parent is its agent: die with it too (the launcher's own children have this set
+    # before exec, checked against the launcher's pid; no pid check here: in a container the launcher may
+    # itself be pid 1).
     die_with_parent()
-    if os.getppid() == 1:
-        raise SystemExit("recsys-codistill worker: the process that started it is gone; not starting")
     cfg = load_config(args.config)
 
     # TorchRec and torch emit many one-off warnings per rank (planner estimates, fx tracing): keep the
