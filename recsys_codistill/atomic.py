@@ -19,6 +19,7 @@ a partial marker of the expected kind); nothing else is ever deleted by the proj
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -213,18 +214,49 @@ def commit(tmp: Path, final: Path, kind: str, fields: Mapping[str, Any], *, repl
                 f"recsys-codistill: warning: moved {final} aside to {aside} (no valid manifest)",
                 file=sys.stderr,
             )
-        old = final.with_name(OLD_PREFIX + final.name)
-        if old.exists():
-            remove_owned(old, kind)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        if old.exists() and not remove_owned(old, kind):
-            old.rmdir()  # the empty directory that stood in the way
+        if final.exists() and owned(final, kind) and _swap(tmp, final):
+            remove_owned(tmp, kind)  # one atomic step: `final` is the new directory, `tmp` holds the old
+        else:
+            # Two renames where an atomic swap is not available. A crash between them leaves only
+            # `.old-<name>`, which restore_interrupted() (run by every listing) moves back.
+            old = final.with_name(OLD_PREFIX + final.name)
+            if old.exists():
+                remove_owned(old, kind)
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            if old.exists() and not remove_owned(old, kind):
+                old.rmdir()  # the empty directory that stood in the way
     else:
         tmp.rename(final)
     fsync_dir(final.parent)
     return final
+
+
+def _swap(a: Path, b: Path) -> bool:
+    """Exchange two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the kernel, libc or filesystem does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def restore_interrupted(parent: Path, kind: str) -> list[Path]:
+    """Move back every ``.old-<name>`` of ours whose ``<name>`` is missing: a replacement interrupted
+    between its two renames (see :func:`commit`). Returns the restored directories."""
+    restored = []
+    if not parent.is_dir():
+        return restored
+    for old in parent.glob(OLD_PREFIX + "*"):
+        final = old.with_name(old.name[len(OLD_PREFIX) :])
+        if not final.exists() and not final.is_symlink() and owned(old, kind):
+            old.rename(final)
+            restored.append(final)
+    return restored
 
 
 def write_collectively(

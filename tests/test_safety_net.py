@@ -346,12 +346,6 @@ def test_a_resave_of_an_existing_step_replaces_it(tmp_path):
 
 
 @single_process
-@pytest.mark.xfail(
-    strict=True,
-    reason="atomic.commit replaces an existing directory with two renames (final -> .old-final, then "
-    ".tmp-final -> final): a crash between them leaves no directory of that name, and nothing reads "
-    ".old-*, so with keep_last = 1 the run has no checkpoint and starts over silently",
-)
 def test_a_crash_while_replacing_an_existing_step_leaves_that_step_loadable(tmp_path, monkeypatch):
     _save(tmp_path, 8, 1.0, keep_last=1)
     final = tmp_path / "step_00000008"
@@ -365,6 +359,9 @@ def test_a_crash_while_replacing_an_existing_step_leaves_that_step_loadable(tmp_
 
         return f
 
+    # Where the atomic swap (renameat2) is available no crash can fall between two renames; take the
+    # two-rename fallback that other platforms use, and crash between its renames.
+    monkeypatch.setattr(atomic, "_swap", lambda a, b: False)
     monkeypatch.setattr(os, "rename", crash_on_moving_the_new_one_in(real_rename))
     monkeypatch.setattr(os, "replace", crash_on_moving_the_new_one_in(real_replace))
     with pytest.raises(OSError, match="simulated crash"):
@@ -564,15 +561,6 @@ def test_cli_synth_ingest_export_round_trip(tmp_path, capsys):
     assert exported == original
 
 
-DEMO_CONFIG_MOVED = (
-    "study.run_demo looks for its config at Path(__file__).parents[1] / 'configs', which was the repo root "
-    "before the package split and is recsys_codistill/ now (study.py moved into recsys_codistill/study/): "
-    "`recsys-codistill demo` and `make demo` exit 2 with 'config file .../recsys_codistill/configs/"
-    "study_demo.toml does not exist'"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=DEMO_CONFIG_MOVED)
 def test_cli_demo_finds_its_shipped_study_config(tmp_path, monkeypatch, capsys):
     # The fast half of the demo test: everything up to training, which is replaced by a recorder.
     from recsys_codistill.study import study as study_mod
@@ -592,7 +580,6 @@ def test_cli_demo_finds_its_shipped_study_config(tmp_path, monkeypatch, capsys):
     assert seen["text"].startswith(shipped.read_text())  # the report records the shipped config
 
 
-@pytest.mark.xfail(strict=True, reason=DEMO_CONFIG_MOVED)
 @pytest.mark.slow
 @pytest.mark.dist
 def test_cli_demo_on_tiny_settings_writes_its_report(tmp_path, capsys):
@@ -665,3 +652,21 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_run_completes(data
     # No step is logged twice: the resumed run dropped what it replays.
     steps = [m["step"] for m in metrics(run_dir) if "loss" in m]
     assert steps == sorted(set(steps)) and steps[-1] == 96
+
+
+@single_process
+def test_replacing_an_existing_step_is_one_atomic_swap_where_the_platform_offers_it(tmp_path):
+    from recsys_codistill.train.checkpoint import KIND
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not atomic._swap(a, b):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here: the two-rename fallback is tested above")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+    _save(tmp_path / "c", 8, 1.0)
+    _save(tmp_path / "c", 8, 2.0)
+    assert _loaded(tmp_path / "c" / "step_00000008") == 2.0
+    assert not atomic.restore_interrupted(tmp_path / "c", KIND)

@@ -475,7 +475,7 @@ def versions() -> dict[str, str]:
 
 def run_demo(out: str | Path, overrides: Sequence[str] = ()) -> Path:
     """``make demo``: the study on the embedded synthetic generator, sized for 2 CPU cores."""
-    cfg_path = Path(__file__).resolve().parents[1] / "configs" / "study_demo.toml"
+    cfg_path = Path(__file__).resolve().parents[2] / "configs" / "study_demo.toml"
     overrides = [f'study.out_dir="{out}"', *overrides]
     study, base, variants = load_study_with_variants(cfg_path, overrides)
     text = cfg_path.read_text() + "".join(f"\n# --set {o}" for o in overrides)

@@ -47,6 +47,7 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
+    atomic.restore_interrupted(d, KIND)
     out = []
     for p in d.iterdir():
         m = _STEP_RE.match(p.name)

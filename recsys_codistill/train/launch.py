@@ -211,9 +211,8 @@ def torchrun_command(cfg: RunConfig, config_path: Path, group: int) -> list[str]
 def _spawn(cmd: list[str], env: dict[str, str], out: object) -> subprocess.Popen:
     # Own session: a terminal's Ctrl-C reaches the launcher only, which stops the children in order, and a
     # child's whole session (its own helper processes too) can be signalled at once.
-    return subprocess.Popen(
-        cmd, env=env, stdout=out, stderr=out, start_new_session=True, preexec_fn=die_with_parent
-    )
+    wrapped = [sys.executable, "-c", _CHILD_PRELUDE, str(os.getpid()), *cmd]
+    return subprocess.Popen(wrapped, env=env, stdout=out, stderr=out, start_new_session=True)
 
 
 def _signal_session(p: subprocess.Popen, sig: int) -> None:
