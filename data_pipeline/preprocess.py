@@ -534,10 +534,12 @@ def ingest(
     if not 0.0 <= max_reject_fraction <= 1.0:  # also refuses nan
         raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_reject_fraction}")
 
-    out = Path(out_dir)
-    # Absolute but with symlinks kept: the temp dir goes next to out_dir as the caller named it, and "."
-    # or "a/.." get a real name (Path(".").name is "").
-    out_abs = Path(os.path.abspath(out))
+    # One spelling of the output for every check, the temp dir and the rename: the real path of its parent
+    # plus its own name. Checking one spelling and renaming another (``link/../x`` is ``x`` to
+    # os.path.abspath but ``<link target>/../x`` to the kernel) could delete a directory never checked.
+    _check_out_dir(Path(out_dir), overwrite, inputs)  # first as given, so errors name the user's path
+    out = canonical_path(out_dir)
+    out_abs = out
     _check_out_dir(out, overwrite, inputs)
     formats = [detect_format(p) for p in inputs]  # all inputs checked before any work
     _check_distinct(formats)
@@ -695,6 +697,16 @@ def _why_not_ours(out: Path) -> str | None:
     if foreign:
         return "it holds files ingest did not write: " + ", ".join(foreign)
     return None
+
+
+def canonical_path(path: str | Path) -> Path:
+    """``realpath(parent) / name``: absolute, every symlink and ``..`` of the parent resolved as the kernel
+    resolves them, the last component kept (a symlink there is seen, not followed). ``.``, ``..`` and
+    paths ending in them are resolved whole."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.name in ("", ".", ".."):
+        return Path(os.path.realpath(p))
+    return Path(os.path.realpath(p.parent)) / p.name
 
 
 def _check_out_dir(out: Path, overwrite: bool, inputs: Sequence[str | Path]) -> None:
@@ -1070,7 +1082,7 @@ def export_tsv(parquet_dir: str | Path, out_path: str | Path, *, overwrite: bool
             else ""
         )
         raise IngestError(f"{directory}: no part-*.parquet files to export{hint}")
-    path = Path(out_path)
+    path = canonical_path(out_path)  # one spelling for the checks and the rename (see ingest)
     _check_export_target(path, directory, overwrite)
     labelled = _dataset_is_labelled(directory, files)
     value_columns = [*((LABEL_COLUMN,) if labelled else ()), *DENSE_COLUMNS, *SPARSE_COLUMNS]

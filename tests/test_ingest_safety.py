@@ -552,3 +552,21 @@ def test_export_refuses_a_directory_or_a_file_inside_the_data_set(tmp_path: Path
     with pytest.raises(IngestError, match="inside the data set"):
         export_tsv(tmp_path / "out", part, overwrite=True)
     assert part.read_bytes() == before
+
+
+def test_out_through_a_symlink_and_dotdot_never_deletes_a_directory_it_did_not_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `link/../mydata` is ./mydata to os.path.abspath but <link target>/../mydata to the kernel: the checks
+    # and the rename must see the same directory.
+    src = write(tmp_path / "in.tsv", lines(4))
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "mydata" / "thesis.tex").write_text("years of work")
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "deep")
+    monkeypatch.chdir(tmp_path)
+    ingest([src], "link/../mydata", progress=False)
+    assert (tmp_path / "mydata" / "thesis.tex").read_text() == "years of work"
+    assert (tmp_path / "real" / "mydata" / "manifest.json").is_file()  # where the kernel put it
+    ingest([src], "link/../mydata", overwrite=True, progress=False)  # replaces only its own data set
+    assert (tmp_path / "mydata" / "thesis.tex").read_text() == "years of work"
