@@ -129,7 +129,10 @@ def verify(
     for name in files:
         if not isinstance(name, str) or name in ("", ".", "..", MANIFEST) or "/" in name or "\\" in name:
             raise DamagedDirectory(f"{directory}: {MANIFEST} lists {name!r}, which is not a plain file name")
-    present = {p.name for p in directory.iterdir()} - {MANIFEST}
+    try:
+        present = {p.name for p in directory.iterdir()} - {MANIFEST}
+    except OSError as e:  # removed while we looked (a peer's GC, pruning): not loadable, not a crash
+        raise DamagedDirectory(f"{directory}: cannot be listed ({e})") from e
     if present != set(files):
         missing, extra = sorted(set(files) - present), sorted(present - set(files))
         raise DamagedDirectory(
@@ -278,7 +281,9 @@ def write_collectively(
 
 
 def _resolved(path: str | Path) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(str(path)))).resolve()
+    # realpath resolves symlinks component by component, as the kernel does; abspath first would apply
+    # ``..`` textually (``link/../x`` is not ``./x`` when ``link`` points elsewhere).
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
 
 
 def check_not_protected(path: str | Path, what: str, protected: Mapping[str, str | Path]) -> Path:

@@ -91,6 +91,22 @@ def read_metadata_file(path: Path) -> Metadata:
     return meta
 
 
+def check_storage_paths(meta: Metadata, directory: Path) -> None:
+    """Every file the metadata points the reader at must be a plain name inside ``directory`` (DCP joins
+    ``relative_path`` to the checkpoint path: ``../x`` would read outside it)."""
+    for info in (meta.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or rel in ("", ".", "..") or "/" in rel or "\\" in rel:
+            raise UnsafeCheckpointError(
+                f"{directory}/.metadata: refused to load: a storage item points at {rel!r}, not a file of "
+                "the checkpoint directory"
+            )
+        if not (directory / rel).is_file():
+            raise UnsafeCheckpointError(
+                f"{directory}/.metadata: refused to load: {rel!r} is not in {directory}"
+            )
+
+
 class SafeFileSystemReader(FileSystemReader):
     """``FileSystemReader`` whose metadata is decoded by :class:`MetadataUnpickler`."""
 
@@ -124,7 +140,7 @@ def load(state: dict[str, Any], path: str | Path, *, single_process: bool = Fals
     DCP's "no process group: loading in one process" warning where that is the intent (predict)."""
     # Checked here first so that a refusal is one clear error, not DCP's per-rank fallback noise; the
     # reader checks again (it is what DCP actually calls).
-    read_metadata_file(Path(path) / ".metadata")
+    check_storage_paths(read_metadata_file(Path(path) / ".metadata"), Path(path))
     reader = SafeFileSystemReader(str(path))
     try:
         with warnings.catch_warnings():

@@ -9,6 +9,11 @@ import torch
 import torch.distributed as dist
 
 
+class FatalError(RuntimeError):
+    """An error that a restart would meet again (damaged or refused state, a peer that never delivers, a
+    non-finite loss): the worker exits with a code the launcher does not restart."""
+
+
 @dataclass
 class DistContext:
     """This rank's place in its group's world and the device it computes on."""

@@ -432,3 +432,44 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(train
     assert latest_checkpoint(ckpts) == older
     if damage != "deleted-manifest":  # without a manifest it is not a checkpoint at all: silently ignored
         assert "skipping damaged checkpoint" in capsys.readouterr().err
+
+
+def test_an_exchange_root_serves_one_run_only(data, tmp_path):
+    from recsys_codistill.train.launch import preflight
+
+    shared = tmp_path / "shared-exchange"
+    claim_root(shared, tmp_path / "runA")
+    _tiny_version(shared, 50)
+    cfg = tiny_config(data, tmp_path / "runB", "codistill.num_groups=2", f'codistill.exchange_dir="{shared}"')
+    with pytest.raises(ConfigError, match="belongs to the run"):
+        preflight(cfg)
+    with pytest.raises(ValueError, match="belongs to the run"):
+        claim_root(shared, tmp_path / "runB")
+    assert is_complete(version_dir(shared, 1, 50))  # run A's version is untouched
+
+
+def test_checkpoints_without_a_manifest_are_never_loaded_nor_silently_started_over(trained, data, tmp_path):
+    from recsys_codistill.train.launch import launch
+
+    run_dir = _copy(trained, tmp_path / "run")
+    for _, path in list_checkpoints(run_dir / "group0" / "checkpoints"):
+        (path / atomic.MANIFEST).unlink()  # as an older version wrote them, or with the manifest lost
+    log_before = (run_dir / "group0" / "metrics.jsonl").read_text()
+    cfg = tiny_config(data, run_dir, "train.max_steps=12", "checkpoint.every_steps=4", "data.valid_dir=''")
+    assert launch(cfg, quiet=True) != 0
+    assert "refusing to start over silently" in (run_dir / "group0" / "launcher.log").read_text()
+    assert (run_dir / "group0" / "metrics.jsonl").read_text() == log_before  # the log was not cut
+
+
+def test_dcp_metadata_pointing_outside_its_directory_is_refused(tmp_path):
+    import dataclasses
+
+    (tmp_path / "secret.bin").write_bytes(b"not yours")
+    dcp_io.save({"w": torch.ones(2)}, tmp_path / "ckpt")
+    meta = dcp_io.read_metadata_file(tmp_path / "ckpt" / ".metadata")
+    meta.storage_data = {
+        k: dataclasses.replace(v, relative_path="../secret.bin") for k, v in meta.storage_data.items()
+    }
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(dcp_io.UnsafeCheckpointError, match="points at '../secret.bin'"):
+        dcp_io.load({"w": torch.zeros(2)}, tmp_path / "ckpt", single_process=True)

@@ -129,6 +129,20 @@ def _owner_record(run_dir: str | Path) -> dict[str, str]:
     return {"created_by": atomic.CREATED_BY, "run_dir": str(Path(run_dir).resolve())}
 
 
+def _inside(root: Path, run_dir: str | Path) -> bool:
+    """An exchange root inside its run directory belongs to it wherever the directory was moved (the run
+    lock already keeps a second launch out)."""
+    return Path(run_dir).resolve() in Path(root).resolve().parents
+
+
+def root_owner(root: Path) -> str | None:
+    """The run directory recorded in an exchange root's marker (None without a readable marker)."""
+    try:
+        return str(json.loads((root / ROOT_MARKER).read_text())["run_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def claim_root(root: Path, run_dir: str | Path) -> None:
     """Launcher: make ``root`` an exchange directory of this run, or refuse. An existing directory is taken
     only if it is empty or carries this project's exchange marker; anything else may hold a user's files."""
@@ -139,8 +153,15 @@ def claim_root(root: Path, run_dir: str | Path) -> None:
                 f"codistill.exchange_dir = {root} exists and is not an exchange directory made by "
                 f"{atomic.CREATED_BY} (no {ROOT_MARKER}); choose a new or empty directory"
             )
+    owner = root_owner(root)
+    if owner is not None and owner != _owner_record(run_dir)["run_dir"] and not _inside(root, run_dir):
+        # Two runs in one exchange root would clear and serve each other's versions.
+        raise ValueError(
+            f"codistill.exchange_dir = {root} belongs to the run {owner}; every run needs its own "
+            "exchange directory"
+        )
     root.mkdir(parents=True, exist_ok=True)
-    if not marker.is_file():
+    if owner != _owner_record(run_dir)["run_dir"]:  # new, or inside a run directory that was moved
         marker.write_text(json.dumps(_owner_record(run_dir)))
 
 
@@ -158,9 +179,9 @@ def clear_versions(root: Path, num_groups: int) -> list[Path]:
             if p.name.startswith((_PREFIX, atomic.TMP_PREFIX + _PREFIX, atomic.OLD_PREFIX + _PREFIX)):
                 if atomic.remove_owned(p, KIND):
                     removed.append(p)
-        note = d / _CHECKPOINT_NOTE
-        if note.is_file() and not note.is_symlink():
-            note.unlink()
+        for note in (d / _CHECKPOINT_NOTE, d / (_CHECKPOINT_NOTE + ".tmp")):
+            if note.is_file() and not note.is_symlink():
+                note.unlink()
         _rmdir_if_empty(d)
     if {p.name for p in root.iterdir()} == {ROOT_MARKER}:
         (root / ROOT_MARKER).unlink()
@@ -261,25 +282,30 @@ class PeerExchange:
                 notes.append(f"{p.name} incomplete (no valid manifest)")
         return "; ".join(notes)
 
+    def _poll(self, peer: int, step: int, t0: float) -> int | str | None:
+        """Rank 0, once per poll: the version, None to keep waiting, or the error every rank raises (the
+        timeout is decided here too, on one clock, so every rank stops at the same poll)."""
+        found = self._find(peer, step)
+        waited = time.perf_counter() - t0
+        if found is None and waited > self.cfg.wait_timeout_s:
+            return (
+                f"group {self.group} waited {waited:.0f}s at step {step} for a teacher version of group {peer} "
+                f"under {group_dir(self.root, peer)} ({self.cfg.exchange_mode}): {self._why_waiting(peer, step)}; "
+                f"is group {peer} running? (codistill.wait_timeout_s)"
+            )
+        return found
+
     def _wanted(self, peer: int, step: int) -> int:
         """Collective: poll until the wanted version exists. Every poll is one short broadcast from rank 0,
         so no rank sits in a long collective (which would hit the process group's timeout), and a peer
         that never delivers ends in a clear error instead of a silent hang."""
         t0 = time.perf_counter()
         while True:
-            target = dist.broadcast_from_rank0(self._find(peer, step) if self.ctx.rank == 0 else None)
+            target = dist.broadcast_from_rank0(self._poll(peer, step, t0) if self.ctx.rank == 0 else None)
             if isinstance(target, str):
-                raise RuntimeError(target)
+                raise dist.FatalError(target)
             if target is not None:
                 break
-            waited = time.perf_counter() - t0
-            if waited > self.cfg.wait_timeout_s:
-                why = self._why_waiting(peer, step) if self.ctx.rank == 0 else ""
-                raise RuntimeError(
-                    f"group {self.group} waited {waited:.0f}s at step {step} for a teacher version of group "
-                    f"{peer} under {group_dir(self.root, peer)} ({self.cfg.exchange_mode}): {why}; is group "
-                    f"{peer} running? (codistill.wait_timeout_s)"
-                )
             time.sleep(_POLL_S)
         self.wait_seconds += time.perf_counter() - t0
         return target
@@ -341,7 +367,11 @@ class PeerExchange:
 
     def on_checkpoint(self, step: int) -> None:
         if self.ctx.rank == 0:
-            (group_dir(self.root, self.group) / _CHECKPOINT_NOTE).write_text(json.dumps({"step": step}))
+            # written whole, then renamed: a peer's GC must never read a torn note (it would drop the floor)
+            note = group_dir(self.root, self.group) / _CHECKPOINT_NOTE
+            tmp = note.with_name(note.name + ".tmp")
+            tmp.write_text(json.dumps({"step": step}))
+            tmp.replace(note)
 
     def _gc(self) -> None:
         versions = complete_versions(self.root, self.group)

@@ -7,6 +7,8 @@ diverged model is never served.
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,6 +84,25 @@ def check_finite(logit: np.ndarray, what: str) -> None:
         )
 
 
+def check_replaceable(path: Path) -> None:
+    """A predictions file may replace an earlier predictions file, never anything else (a user's file, a
+    data shard): the existing file must be a Parquet file with the predictions columns."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_symlink() or not path.is_file():
+        raise FileExistsError(f"{path} exists and is not a predictions file; refusing to replace it")
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # pyarrow raises several types for non-Parquet input
+        raise FileExistsError(
+            f"{path} exists and is not a predictions file ({e}); refusing to replace it"
+        ) from e
+    if not set(PRED_COLUMNS) <= set(names) or "logit" not in names:
+        raise FileExistsError(
+            f"{path} exists and is not a predictions file (columns {names}); refusing to replace it"
+        )
+
+
 def write_predictions(
     path: str | Path, row_id: np.ndarray, label: np.ndarray, logit: np.ndarray, *, what: str = ""
 ) -> Path:
@@ -103,7 +124,11 @@ def write_predictions(
             "probability": pa.array(probability, pa.float64()),
         }
     )
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    check_replaceable(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")  # ours alone
+    try:
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

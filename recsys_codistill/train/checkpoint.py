@@ -37,7 +37,7 @@ KIND = "checkpoint"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(dist.FatalError, FloatingPointError):
     """Training produced NaN or infinite values; nothing non-finite is ever saved or served."""
 
 
@@ -56,6 +56,22 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def unverifiable_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """``step_*`` directories with DCP files but no manifest: written by an older version, or a manifest
+    lost since. Never loaded (nothing vouches for them), but never silently treated as "no checkpoint"."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    return sorted(
+        p
+        for p in d.iterdir()
+        if _STEP_RE.match(p.name)
+        and p.is_dir()
+        and not (p / atomic.MANIFEST).is_file()
+        and (p / ".metadata").exists()
+    )
+
+
 def verify_checkpoint(path: Path, step: int | None = None, checksums: bool = True) -> dict[str, Any]:
     """The manifest of an intact checkpoint; raises atomic.DamagedDirectory otherwise."""
     if step is None:
@@ -67,6 +83,14 @@ def verify_checkpoint(path: Path, step: int | None = None, checksums: bool = Tru
 def latest_checkpoint(ckpt_dir: str | Path, *, checksums: bool = True, warn: bool = True) -> Path | None:
     """The newest intact checkpoint. Damaged newer ones are skipped, each with a warning naming what is
     wrong, so a torn or corrupted save falls back to the previous intact checkpoint."""
+    if warn:
+        for path in unverifiable_checkpoints(ckpt_dir):
+            print(
+                f"recsys-codistill: warning: ignoring {path}: it has no {atomic.MANIFEST} (written by an older "
+                "version, or its manifest was lost), so nothing vouches for its files",
+                file=sys.stderr,
+                flush=True,
+            )
     for step, path in reversed(list_checkpoints(ckpt_dir)):
         try:
             verify_checkpoint(path, step, checksums)
@@ -264,7 +288,10 @@ class Checkpointer:
         """Restore every registered state in place from ``path`` (verified: ``latest_checkpoint`` does it)."""
         path = Path(path)
         if self.inputs is not None:
-            check_inputs(path, self.inputs)
+            try:
+                check_inputs(path, self.inputs)
+            except ValueError as e:
+                raise dist.FatalError(str(e)) from e
         for s in self.states.values():
             if hasattr(s, "prepare_load"):
                 s.prepare_load()
@@ -279,7 +306,7 @@ class Checkpointer:
         """Rank 0: the checkpoint to resume from, or an error message every rank raises."""
         path = latest_checkpoint(self.dir)
         if path is None:
-            damaged = list_checkpoints(self.dir)
+            damaged = list_checkpoints(self.dir) + [(0, p) for p in unverifiable_checkpoints(self.dir)]
             if damaged:
                 return (
                     f"every checkpoint under {self.dir} is damaged ({', '.join(p.name for _, p in damaged)}; see "
@@ -302,7 +329,7 @@ class Checkpointer:
         # rank 0 decides: every rank must load the same checkpoint
         choice = dist.broadcast_from_rank0(self._choose() if dist.rank() == 0 else None)
         if isinstance(choice, str):
-            raise RuntimeError(choice)
+            raise dist.FatalError(choice)
         if choice is not None:
             self.load(choice)
         return choice

@@ -81,7 +81,7 @@ def check_exchange_dir(cfg: RunConfig) -> Path:
     refused if it equals or contains the run directory, a data directory, the working directory, the home
     directory or a filesystem root, if it lies inside a data directory, or if it holds files this project
     did not write."""
-    from recsys_codistill.codistill.exchange import ROOT_MARKER
+    from recsys_codistill.codistill.exchange import ROOT_MARKER, root_owner
 
     root = RunDir(cfg.run_dir).exchange(cfg.codistill.exchange_dir)
     data = {"data.train_dir": cfg.data.train_dir, "data.valid_dir": cfg.data.valid_dir}
@@ -96,6 +96,13 @@ def check_exchange_dir(cfg: RunConfig) -> Path:
                 )
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    owner = root_owner(root)
+    inside_run = Path(cfg.run_dir).resolve() in root.resolve().parents  # moves with its run directory
+    if owner is not None and owner != str(Path(cfg.run_dir).resolve()) and not inside_run:
+        raise ConfigError(
+            f"codistill.exchange_dir = {root} belongs to the run {owner}; every run needs its own exchange "
+            "directory (two runs in one would clear and serve each other's versions)"
+        )
     if root.exists() and not (root / ROOT_MARKER).is_file() and (not root.is_dir() or any(root.iterdir())):
         raise ConfigError(
             f"codistill.exchange_dir = {root} exists and is not an exchange directory made by recsys-codistill "
@@ -150,20 +157,22 @@ def torch_cuda_available() -> bool:
 
 def fresh_start(cfg: RunConfig) -> bool:
     """No group has a checkpoint to resume from."""
-    from recsys_codistill.train.checkpoint import list_checkpoints
+    from recsys_codistill.train.checkpoint import list_checkpoints, unverifiable_checkpoints
 
     if not cfg.checkpoint.resume:
         return True
-    # Checkpoint directories with a manifest count, damaged or not: the workers fall back past damaged
-    # ones (or refuse to start over silently), where a fresh start would clear the exchange.
+    # Every checkpoint directory counts, damaged or unverifiable too: the workers fall back past damaged
+    # ones or refuse to start over silently, where a fresh start would clear the exchange and the log.
+    rd = RunDir(cfg.run_dir)
     return all(
-        not list_checkpoints(RunDir(cfg.run_dir).checkpoints(g)) for g in range(cfg.codistill.num_groups)
+        not list_checkpoints(rd.checkpoints(g)) and not unverifiable_checkpoints(rd.checkpoints(g))
+        for g in range(cfg.codistill.num_groups)
     )
 
 
 WORKER_MODULE = "recsys_codistill.train.worker"
 STORE_ENV = "RECSYS_CODISTILL_STORE"  # FileStore path of a launcher-spawned group (worker.py reads it)
-EXIT_NO_RESTART = 3  # a worker's "restarting would fail the same way" (a non-finite loss)
+EXIT_NO_RESTART = 3  # a worker's "restarting would fail the same way" (dist.FatalError and refused loads)
 
 
 def die_with_parent(parent: int | None = None) -> None:
@@ -179,9 +188,13 @@ def die_with_parent(parent: int | None = None) -> None:
 
 # Run in the child before the real command: the death signal survives exec, and setting it in the child
 # itself avoids subprocess's preexec_fn, which is unsafe in threaded programs (a study launches from threads).
-_CHILD_PRELUDE = (
-    "import os, sys; from recsys_codistill.train.launch import die_with_parent; "
-    "die_with_parent(int(sys.argv[1])); os.execv(sys.argv[2], sys.argv[2:])"
+_CHILD_PRELUDE = (  # self-contained (no project import: that would load torch once more per child)
+    "import ctypes, os, signal, sys\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('recsys-codistill: the launcher is gone; not starting')\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
 )
 
 
@@ -255,7 +268,6 @@ class Group:
         self.restarts = 0
         self.procs: list[subprocess.Popen] = []
         self.store: Path | None = None
-        self.start()
 
     def start(self) -> None:
         if not self.own_ranks:
@@ -388,6 +400,8 @@ def _launch_locked(cfg: RunConfig, rd: RunDir, quiet: bool) -> int:
             log = rd.launcher_log(g).open("ab")
             logs.append(log)
             groups.append(Group(cfg, g, config_path, env, log if quiet else None))
+        for grp in groups:  # tracked before anything is spawned: an interrupt mid-way leaves no orphan
+            grp.start()
         done: set[int] = set()
         while failed is None and len(done) < len(groups):
             for g, grp in enumerate(groups):
@@ -401,8 +415,10 @@ def _launch_locked(cfg: RunConfig, rd: RunDir, quiet: bool) -> int:
     except KeyboardInterrupt:
         failed = (-1, 130)
     finally:
+        # every session gets SIGTERM at once, then one shared grace period (not 30 s per group in turn)
+        stop_all([p for grp in groups for p in grp.procs])
         for grp in groups:
-            grp.stop()
+            grp.stop()  # reaped already; drops the store files
         for log in logs:
             log.close()
         config_path.unlink(missing_ok=True)

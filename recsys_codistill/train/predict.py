@@ -151,6 +151,10 @@ def predict(
     if not runs:
         raise ValueError("predict needs at least one --run")
     out = Path(out)
+    if Path(data_dir).resolve() in out.resolve().parents:
+        raise ValueError(
+            f"--out {out} lies inside the data directory {data_dir}; write predictions elsewhere"
+        )
     members, names = [], []
     # Every member is predicted and checked before any file is written: a bad member must not leave the
     # other members' files (or a stale ensemble) behind as if the command had worked.

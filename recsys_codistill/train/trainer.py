@@ -23,7 +23,7 @@ from models import build_model
 from recsys_codistill import dist
 from recsys_codistill.codistill.exchange import TeacherSource
 from recsys_codistill.codistill.losses import CodistillTrain, LossParts, codistill_loss
-from recsys_codistill.config import OptimConfig, RunConfig
+from recsys_codistill.config import ConfigError, OptimConfig, RunConfig
 from recsys_codistill.dist import DistContext
 from recsys_codistill.run_dir import RunDir
 from recsys_codistill.train.checkpoint import (
@@ -139,6 +139,9 @@ class TrainLogger:
         self.log, self.every, self.total, self.world_batch, self.group = log, every, total, world_batch, group
         self.t_last, self.step_last = time.perf_counter(), step
         self.sums: list[Any] = [0.0, 0.0, 0.0]
+
+    def restart_clock(self) -> None:
+        self.t_last = time.perf_counter()
 
     def add(self, parts: LossParts) -> None:
         for i, t in enumerate((parts.total, parts.bce, parts.distill)):
@@ -267,6 +270,12 @@ class Trainer:
                 )
             )
 
+        if self.teachers and self.pipelined:
+            # TorchRec's pipeline traces a forward whose only input is the batch: no teacher term there.
+            raise ConfigError(
+                "train.pipeline = 'sparse_dist' cannot train with teachers; use 'plain' or 'auto'"
+            )
+
         # the lr schedule scales the optimizer's initial rates (captured before a resume overwrites them)
         self.lr = LRSchedule(self.optimizer, cfg.optim, self.total_steps)
 
@@ -331,6 +340,7 @@ class Trainer:
         for teacher in self.teachers:
             teacher.start(self.model, self.state.step)
         self.model.train()
+        self.logger.restart_clock()  # examples/s counts the loop only, not the set-up above
         while self.state.step < self.total_steps:
             # epoch hooks: optionally fresh embedding tables at an epoch boundary
             epoch = self.reinit.maybe_reinit(self.state.step, self.model, self.optimizer)

@@ -16,8 +16,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from recsys_codistill.atomic import DamagedDirectory
 from recsys_codistill.config import load_config
-from recsys_codistill.train.checkpoint import NonFiniteError
+from recsys_codistill.dcp_io import UnsafeCheckpointError
+from recsys_codistill.dist import FatalError
 from recsys_codistill.train.launch import EXIT_NO_RESTART, STORE_ENV, die_with_parent
 from recsys_codistill.train.sharding import quiet_library_logs, resolve_backend, resolve_device
 from recsys_codistill.train.trainer import DistContext, train
@@ -61,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
         # while a peer is still in the final all-gather aborted at exit ("terminate called without an
         # active exception"), failing a run that had finished.
         dist.barrier()
-    except NonFiniteError as e:
-        # Deterministic: a restart would replay into the same NaN. The launcher does not restart this code.
+    except (FatalError, UnsafeCheckpointError, DamagedDirectory) as e:
+        # A restart would fail the same way (replay into the same NaN, meet the same damaged or refused
+        # state, wait for the same absent peer): the launcher does not restart this exit code.
         print(f"recsys-codistill: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_NO_RESTART) from None
     finally:
