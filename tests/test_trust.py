@@ -473,3 +473,16 @@ def test_dcp_metadata_pointing_outside_its_directory_is_refused(tmp_path):
     (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(meta))
     with pytest.raises(dcp_io.UnsafeCheckpointError, match="points at '../secret.bin'"):
         dcp_io.load({"w": torch.zeros(2)}, tmp_path / "ckpt", single_process=True)
+
+
+def test_predictions_replace_only_an_earlier_predictions_file(tmp_path):
+    from recsys_codistill.eval.predictions import write_predictions
+
+    mine = tmp_path / "notes.parquet"
+    mine.write_text("my own file")
+    with pytest.raises(FileExistsError, match="not a predictions file"):
+        write_predictions(mine, np.arange(3), np.zeros(3), np.zeros(3))
+    assert mine.read_text() == "my own file"
+    out = write_predictions(tmp_path / "p.parquet", np.arange(3), np.zeros(3), np.zeros(3))
+    write_predictions(out, np.arange(3), np.ones(3), np.zeros(3))  # an earlier predictions file: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.parquet", "p.parquet"]  # no temp left
