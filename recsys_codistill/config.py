@@ -249,7 +249,8 @@ class CodistillConfig:
     keep_versions: int = ranged(3, ge=2, why="a peer may be loading the previous version")
     # Give up (with an error naming the peer) after waiting this long for a teacher version.
     wait_timeout_s: float = ranged(3600.0, gt=0)
-    # Keep the exchanged versions after a successful run (they only serve training; a full model each).
+    # Keep every exchanged version (no garbage collection during the run, none removed after it); they
+    # only serve training and each is a full model, so this costs keep_versions-independent disk.
     keep_exchange: bool = False
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from recsys_codistill import atomic, dcp_io
 from recsys_codistill.codistill.exchange import (
     ROOT_MARKER,
+    PeerExchange,
     claim_root,
     clear_versions,
     is_complete,
@@ -486,3 +487,35 @@ def test_predictions_replace_only_an_earlier_predictions_file(tmp_path):
     out = write_predictions(tmp_path / "p.parquet", np.arange(3), np.zeros(3), np.zeros(3))
     write_predictions(out, np.arange(3), np.ones(3), np.zeros(3))  # an earlier predictions file: replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.parquet", "p.parquet"]  # no temp left
+
+
+def test_a_codistillation_run_that_would_never_leave_burn_in_is_refused_before_launch(data, tmp_path):
+    from recsys_codistill.train.launch import preflight
+
+    # 8192 rows, split between 2 groups (disjoint data), 256 per step = 16 steps
+    cfg = tiny_config(data, tmp_path / "r", "codistill.num_groups=2", "codistill.burn_in_steps=16")
+    with pytest.raises(ConfigError, match=r"burn_in_steps = 16 >= the run's 16 training steps"):
+        preflight(cfg)
+    cfg = tiny_config(
+        data, tmp_path / "r", "codistill.num_groups=2", "codistill.burn_in_steps=8", "train.max_steps=8"
+    )
+    with pytest.raises(ConfigError, match=r"burn_in_steps = 8 >= the run's 8 training steps"):
+        preflight(cfg)
+    preflight(tiny_config(data, tmp_path / "r", "codistill.num_groups=2", "codistill.burn_in_steps=15"))
+
+
+def test_keep_exchange_keeps_every_version(tmp_path):
+    from recsys_codistill.config import CodistillConfig
+    from recsys_codistill.dist import DistContext
+
+    ex = PeerExchange.__new__(PeerExchange)
+    ex.cfg = CodistillConfig(num_groups=2, exchange_every=50, keep_versions=2, keep_exchange=True)
+    ex.root, ex.group, ex.peers = tmp_path, 1, [0]
+    ex.ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    for step in (50, 100, 150, 200):
+        _tiny_version(tmp_path, step)
+    ex._gc()
+    assert [s for s in (50, 100, 150, 200) if is_complete(version_dir(tmp_path, 1, s))] == [50, 100, 150, 200]
+    ex.cfg = CodistillConfig(num_groups=2, exchange_every=50, keep_versions=2)
+    ex._gc()
+    assert [s for s in (50, 100, 150, 200) if is_complete(version_dir(tmp_path, 1, s))] == [150, 200]

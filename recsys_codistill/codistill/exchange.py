@@ -374,6 +374,8 @@ class PeerExchange:
             tmp.replace(note)
 
     def _gc(self) -> None:
+        if self.cfg.keep_exchange:
+            return  # the user asked to keep every version
         versions = complete_versions(self.root, self.group)
         keep = set(versions[-self.cfg.keep_versions :])
         # A peer that resumes from its last checkpoint replays from there and needs our versions again.

@@ -57,7 +57,7 @@ def preflight(cfg: RunConfig) -> None:
     world = cfg.sharding.nproc * cfg.sharding.nnodes
     # Reads the manifest and Parquet footers only (cheap), and sizes every (group, rank) worker's share: a
     # missing data set, a bad file or too few row groups for num_groups x ranks fails here, named.
-    CriteoStream(
+    stream = CriteoStream(
         cfg.data.train_dir,
         batch_size=cfg.data.batch_size // world,
         table_sizes=cfg.model.resolved_table_sizes(),
@@ -66,6 +66,16 @@ def preflight(cfg: RunConfig) -> None:
         shared=cfg.codistill.data == "shared" or cfg.codistill.num_groups == 1,
         epochs=cfg.data.epochs,
     )
+    c = cfg.codistill
+    steps = min(stream.num_batches(), cfg.train.max_steps or stream.num_batches())
+    if c.num_groups > 1 and c.distill_weight > 0 and c.burn_in_steps >= steps:
+        # Every step would be burn-in: a "codistillation" run that is a plain baseline in disguise.
+        raise ConfigError(
+            f"codistill.burn_in_steps = {c.burn_in_steps} >= the run's {steps} training steps "
+            f"({stream.num_batches()} batches of data.batch_size {cfg.data.batch_size} over data.epochs "
+            f"{cfg.data.epochs}, train.max_steps {cfg.train.max_steps}): codistillation would never start; "
+            "lower the burn-in or train longer"
+        )
     if cfg.data.valid_dir:
         CriteoStream(
             cfg.data.valid_dir,
