@@ -434,12 +434,16 @@ def _launch_locked(cfg: RunConfig, rd: RunDir, quiet: bool) -> int:
         config_path.unlink(missing_ok=True)
     if failed is not None:
         g, code = failed
-        where = (
-            f"see {rd.group(g)} (launcher.log, metrics.jsonl) and the output above"
-            if g >= 0
-            else "interrupted"
-        )
-        print(f"recsys-codistill: group {g} failed with exit code {code}; {where}", file=sys.stderr)
+        if g < 0:
+            print(
+                "recsys-codistill: interrupted; every group was stopped (re-run to resume)", file=sys.stderr
+            )
+        else:
+            print(
+                f"recsys-codistill: group {g} failed with exit code {code}; see {rd.group(g)} (launcher.log, "
+                "metrics.jsonl) and the output above",
+                file=sys.stderr,
+            )
         return code or 1
     if cfg.codistill.num_groups > 1 and not cfg.codistill.keep_exchange:
         # Every group finished: no one will load these versions again (only ours are removed).
