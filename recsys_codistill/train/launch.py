@@ -436,7 +436,9 @@ def _launch_locked(cfg: RunConfig, rd: RunDir, quiet: bool) -> int:
         g, code = failed
         if g < 0:
             print(
-                "recsys-codistill: interrupted; every group was stopped (re-run to resume)", file=sys.stderr
+                "recsys-codistill: interrupted; every group was stopped (re-running resumes from the "
+                "latest checkpoint, if any)",
+                file=sys.stderr,
             )
         else:
             print(
