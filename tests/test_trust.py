@@ -336,7 +336,7 @@ def test_one_launch_per_run_dir_workers_listen_on_loopback_only_and_die_with_the
     from recsys_codistill.train.launch import launch
 
     run_dir = tmp_path / "run"
-    cfg = tiny_config(data, run_dir, "sharding.nproc=2", "data.epochs=50", "train.eval_every=0")
+    cfg = tiny_config(data, run_dir, "sharding.nproc=2", "data.epochs=1000", "train.eval_every=0")
     cfg_path = save_resolved(cfg, tmp_path / "cfg")
     proc = _launcher(cfg_path)
     try:
@@ -395,7 +395,7 @@ def test_a_failing_group_stops_the_others_and_its_exit_code_is_returned(data, tm
     run_dir = tmp_path / "run"
     cfg = tiny_config(
         data, run_dir, "codistill.num_groups=2", "codistill.burn_in_steps=4", "codistill.exchange_every=4",
-        "data.epochs=50", "train.eval_every=0", "codistill.data=shared",
+        "data.epochs=1000", "train.eval_every=0", "codistill.data=shared",
     )  # fmt: skip
     proc = _launcher(save_resolved(cfg, tmp_path / "cfg"))
     try:

@@ -59,17 +59,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         train(cfg, args.group, ctx)
-        # Tear down only once every rank is past its last collective: a rank destroying its process group
-        # while a peer is still in the final all-gather aborted at exit ("terminate called without an
-        # active exception"), failing a run that had finished.
+        # Every rank is past its last collective before any rank leaves.
         dist.barrier()
     except (FatalError, UnsafeCheckpointError, DamagedDirectory) as e:
         # A restart would fail the same way (replay into the same NaN, meet the same damaged or refused
         # state, wait for the same absent peer): the launcher does not restart this exit code.
         print(f"recsys-codistill: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_NO_RESTART) from None
-    finally:
         dist.destroy_process_group()
+        raise SystemExit(EXIT_NO_RESTART) from None
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    # Success: leave at once, without the process-group teardown and the C++ destructors at interpreter
+    # exit. There, now and then, a rank aborted ("terminate called without an active exception": a native
+    # thread object destroyed unjoined), failing a run whose results were all written, even after the
+    # barrier. Everything this process wrote is closed or flushed by now (checkpoints fsynced,
+    # result.json closed, metrics.jsonl flushed after every line); the launcher removes the store file.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
