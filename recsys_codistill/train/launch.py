@@ -128,7 +128,9 @@ def check_resumable(cfg: RunConfig, vocab: object) -> None:
     from recsys_codistill.train.inputs import InputMapping
 
     for g in range(cfg.codistill.num_groups):
-        ckpt = latest_checkpoint(RunDir(cfg.run_dir).checkpoints(g))
+        # Only inputs.json is read here; the worker hashes and verifies the checkpoint it loads (and warns
+        # about damaged ones), so the launcher does not read every checkpoint file a second time.
+        ckpt = latest_checkpoint(RunDir(cfg.run_dir).checkpoints(g), checksums=False, warn=False)
         if ckpt is not None:
             try:
                 check_inputs(ckpt, InputMapping.from_config(cfg, vocab))  # type: ignore[arg-type]
@@ -185,15 +187,13 @@ STORE_ENV = "RECSYS_CODISTILL_STORE"  # FileStore path of a launcher-spawned gro
 EXIT_NO_RESTART = 3  # a worker's "restarting would fail the same way" (dist.FatalError and refused loads)
 
 
-def die_with_parent(parent: int | None = None) -> None:
-    """Get SIGKILL when the parent process dies (Linux ``PR_SET_PDEATHSIG``), so no process outlives the
-    launcher, even a launcher killed with -9; exit at once if ``parent`` (its pid) is already gone. Elsewhere
-    a no-op (the launcher still stops the children it outlives)."""
+def die_with_parent() -> None:
+    """Get SIGKILL when the parent process dies (Linux ``PR_SET_PDEATHSIG``), so a worker under torchrun
+    does not outlive its agent. Elsewhere a no-op. (The launcher's own children get the same from
+    ``_CHILD_PRELUDE`` before exec.)"""
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if parent is not None and os.getppid() != parent:
-        raise SystemExit("recsys-codistill: the launcher is gone; not starting")
 
 
 # Run in the child before the real command: the death signal survives exec, and setting it in the child

@@ -53,7 +53,7 @@ def load_run(
     quiet_library_logs()
     model = build_model(**m.build_kwargs(), device=device)
     check_inputs(ckpt, InputMapping.from_config(cfg))
-    step = load_model_weights(ckpt, model)
+    step = load_model_weights(ckpt, model, verified=True)  # latest_checkpoint verified it
     return cfg, model.eval(), step
 
 
