@@ -207,6 +207,8 @@ class OptimConfig:
     weight_decay: float = ranged(0.0, ge=0)
     warmup_steps: int = ranged(0, ge=0)
     decay: Literal["none", "linear", "cosine"] = "none"
+    # Where a decay ends, as a fraction of the initial rates (0 = decay to zero).
+    lr_floor: float = ranged(0.0, ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,13 @@ class TrainConfig:
     # the first, re-initialise the embedding tables (and their optimizer state) while the dense layers
     # keep training (Fan et al. 2023, "Multi-epoch learning with data augmentation for deep CTR models").
     reinit_embeddings_each_epoch: bool = False
+    # Weight averaging of the final model (train/averaging.py): "ema" or "swa" (uniform mean) of the weights
+    # over the last average_fraction of the steps, sampled every average_every steps; the final checkpoint,
+    # validation and predictions then use the averaged weights.
+    average: Literal["none", "ema", "swa"] = "none"
+    average_fraction: float = ranged(0.25, gt=0, le=1)
+    average_every: int = ranged(10, ge=1)
+    ema_decay: float = ranged(0.9, gt=0, lt=1)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,12 @@ def test_lockstep_codistillation_is_reproducible_and_uses_the_teacher(data, tmp_
         # burn-in: no distillation term; afterwards a positive one and a teacher at most K steps old
         assert recs[0]["distill"] == 0.0 and recs[-1]["distill"] > 0.0
         assert recs[-1]["teacher_step"] is not None and 0 <= recs[-1]["staleness"] <= 4
+        # the logged gap is the KL (0 in burn-in), below the CE term by the teacher's entropy
+        assert recs[0]["distill_kl"] == 0.0 and 0.0 < recs[-1]["distill_kl"] < recs[-1]["distill"]
+        # lockstep, K = 4, burn-in 4, 16 steps: versions 4, 8, 12 served steps 4..15 (staleness 0..3)
+        result = json.loads((tmp_path / "a" / f"group{g}" / "result.json").read_text())
+        assert result["teacher_versions_loaded"] == 3 and result["distilled_steps"] == 12
+        assert result["mean_staleness"] == 1.5
     # versions only serve training: gone once every group finished
     assert not (tmp_path / "a" / "exchange").exists()
     # the groups are different models (different seeds and data)

@@ -217,3 +217,75 @@ def test_resume_keeps_the_learning_rate_schedule(data, tmp_path):
     lr_resumed = {m["step"]: m["lr"] for m in metrics(tmp_path / "resumed") if "lr" in m}
     # (the first 8 steps ran under an 8-step schedule: only the resumed part is comparable)
     assert {s: v for s, v in lr_resumed.items() if s > 8} == {s: v for s, v in lr.items() if s > 8}
+
+
+def _weights_at(run_dir, step: int) -> dict[str, torch.Tensor]:
+    from recsys_codistill.train.checkpoint import load_model_weights
+    from recsys_codistill.train.predict import load_run
+
+    _, model, _ = load_run(run_dir, 0)
+    load_model_weights(run_dir / "group0" / "checkpoints" / f"step_{step:08d}", model)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["swa", "ema"])
+def test_weight_averaging_is_the_average_of_the_live_weights_and_resumes_exactly(data, tmp_path, kind):
+    import shutil
+
+    # the live trajectory, a checkpoint at every step
+    every = ["checkpoint.every_steps=1", "checkpoint.keep_last=100", "train.max_steps=8"]
+    run(tiny_config(data, tmp_path / "live", *every))
+    # the last half of 8 steps starts after step 4; sampled every 2 steps: the weights of steps 6 and 8
+    avg = [
+        f"train.average={kind}",
+        "train.average_fraction=0.5",
+        "train.average_every=2",
+        "train.ema_decay=0.75",
+    ]
+    run(tiny_config(data, tmp_path / "avg", *every, *avg))
+    w6, w8, got = (
+        _weights_at(tmp_path / "live", 6),
+        _weights_at(tmp_path / "live", 8),
+        weights(tmp_path / "avg"),
+    )
+    a = 0.5 if kind == "swa" else 0.75  # SWA: the mean; EMA: d · w6 + (1 − d) · w8
+    for k in got:
+        if got[k].is_floating_point():
+            torch.testing.assert_close(got[k], a * w6[k] + (1 - a) * w8[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the periodic checkpoints hold the live weights; the final one (and result.json) the average
+    assert all(torch.equal(_weights_at(tmp_path / "avg", 6)[k], w6[k]) for k in w6)
+    import json
+
+    assert json.loads((tmp_path / "avg" / "group0" / "result.json").read_text())["averaged_snapshots"] == 2
+    # killed after step 6 (one snapshot averaged): the resumed run continues the same average
+    ckpts = tmp_path / "avg" / "group0" / "checkpoints"
+    for s in (7, 8):
+        shutil.rmtree(ckpts / f"step_{s:08d}")
+    (tmp_path / "avg" / "group0" / "result.json").unlink()
+    run(tiny_config(data, tmp_path / "avg", *every, *avg))
+    again = weights(tmp_path / "avg")
+    assert all(torch.equal(again[k], got[k]) for k in got)
+    # and the same run without averaging ends on the live weights
+    assert not all(torch.equal(got[k], w8[k]) for k in got if got[k].is_floating_point())
+
+
+def test_learning_rate_decays_to_its_floor(data, tmp_path):
+    from recsys_codistill.train.trainer import lr_factor
+
+    assert lr_factor(0, 10, 0, "linear", 0.1) == 1.0
+    assert lr_factor(10, 10, 0, "linear", 0.1) == pytest.approx(0.1)
+    assert lr_factor(10, 10, 0, "cosine", 0.25) == pytest.approx(0.25)
+    assert lr_factor(5, 10, 0, "linear", 0.0) == pytest.approx(0.5)
+    run(
+        tiny_config(
+            data,
+            tmp_path / "r",
+            "optim.decay=linear",
+            "optim.lr_floor=0.2",
+            "train.max_steps=8",
+            "train.log_every=1",
+            "optim.dense_lr=0.05",
+        )
+    )
+    lr = {m["step"]: m["lr"] for m in metrics(tmp_path / "r") if "lr" in m}
+    assert lr[8] == pytest.approx(0.05 * (0.2 + 0.8 * (1 - 7 / 8)))

@@ -214,6 +214,11 @@ class PeerExchange:
         self.publish_seconds = 0.0
         self.bytes_published = 0
         self.wait_seconds = 0.0
+        # what the distillation term actually saw (this process): versions loaded, and the staleness of
+        # the oldest teacher summed over the steps that used one
+        self.versions_loaded = 0
+        self.distilled_steps = 0
+        self.staleness_sum = 0
         self.good: dict[int, set[int]] = {p: set() for p in self.peers}
         self.bad: dict[int, set[int]] = {p: set() for p in self.peers}
         group_dir(self.root, group).mkdir(parents=True, exist_ok=True)
@@ -327,6 +332,7 @@ class PeerExchange:
             teacher.load_state_dict(state["model"])
             self.load_seconds += time.perf_counter() - t0
             self.loaded[peer] = target
+            self.versions_loaded += 1
 
     @torch.no_grad()
     def logits(self, batch: Any, step: int) -> list[torch.Tensor]:
@@ -334,6 +340,8 @@ class PeerExchange:
         if step < self.cfg.burn_in_steps or self.cfg.distill_weight == 0.0:
             return []
         self._refresh(step)
+        self.distilled_steps += 1
+        self.staleness_sum += step - min(self.loaded.values())
         return [self.teachers[p](batch.dense_features, batch.sparse_features).float() for p in self.peers]
 
     # -- publishing --------------------------------------------------------------------------------------
@@ -396,11 +404,14 @@ class PeerExchange:
 
     def metrics(self, step: int) -> dict[str, Any]:
         if not self.loaded:
-            return {"teacher_step": None, "staleness": None}
+            return {"teacher_step": None, "staleness": None, "teacher_versions_loaded": 0}
         oldest = min(self.loaded.values())
         return {
             "teacher_step": oldest,
             "staleness": step - oldest,
+            "mean_staleness": round(self.staleness_sum / max(1, self.distilled_steps), 2),
+            "teacher_versions_loaded": self.versions_loaded,
+            "distilled_steps": self.distilled_steps,
             "exchange_wait_s": round(self.wait_seconds, 3),
             "exchange_load_s": round(self.load_seconds, 3),
             "exchange_publish_s": round(self.publish_seconds, 3),

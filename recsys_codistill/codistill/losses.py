@@ -24,6 +24,9 @@ class LossParts:
     bce: torch.Tensor
     distill: torch.Tensor
     total: torch.Tensor
+    # KL(p̄ ‖ σ(z)): the real gap between student and teachers, whatever ψ is (a cross entropy against
+    # soft targets includes the teachers' own entropy, so it never reaches 0); 0 without teachers.
+    kl: torch.Tensor | None = None
 
 
 def soft_targets(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -46,9 +49,15 @@ def distill_term(logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], k
     if kind == "ce":
         return ce
     if kind == "kl":
-        entropy = F.binary_cross_entropy(p, p)
-        return ce - entropy
+        return ce - F.binary_cross_entropy(p, p)
     raise ValueError(f"unknown distillation loss {kind!r}; expected ce, kl or mse_logits")
+
+
+@torch.no_grad()
+def distill_gap(logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """KL(p̄ ‖ σ(z)) averaged over the batch, for logging (no gradient)."""
+    p = soft_targets(teacher_logits)
+    return F.binary_cross_entropy_with_logits(logits.detach().float(), p) - F.binary_cross_entropy(p, p)
 
 
 def codistill_loss(
@@ -61,9 +70,11 @@ def codistill_loss(
     bce = F.binary_cross_entropy_with_logits(logits, labels)
     if not teacher_logits or cfg.distill_weight == 0.0:
         # Exactly the baseline's graph, so w = 0 reproduces the baseline bit for bit.
-        return LossParts(bce=bce, distill=torch.zeros((), device=logits.device), total=bce)
+        zero = torch.zeros((), device=logits.device)
+        return LossParts(bce=bce, distill=zero, total=bce, kl=zero)
     distill = distill_term(logits, teacher_logits, cfg.loss)
-    return LossParts(bce=bce, distill=distill, total=bce + cfg.distill_weight * distill)
+    kl = distill.detach() if cfg.loss == "kl" else distill_gap(logits, teacher_logits)
+    return LossParts(bce=bce, distill=distill, total=bce + cfg.distill_weight * distill, kl=kl)
 
 
 class CodistillTrain(nn.Module):

@@ -26,6 +26,7 @@ from recsys_codistill.codistill.losses import CodistillTrain, LossParts, codisti
 from recsys_codistill.config import ConfigError, OptimConfig, RunConfig
 from recsys_codistill.dist import DistContext
 from recsys_codistill.run_dir import RunDir
+from recsys_codistill.train.averaging import WeightAverager
 from recsys_codistill.train.checkpoint import (
     Checkpointer,
     ModelState,
@@ -47,13 +48,16 @@ def group_seed(seed: int, group: int) -> int:
     return seed * 1_000_003 + group * 7_919
 
 
-def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
+def lr_factor(step: int, total: int, warmup: int, decay: str, floor: float = 0.0) -> float:
+    """The learning-rate multiplier at ``step``: linear warm-up, then a linear or cosine decay from 1 to
+    ``floor`` at the last step."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     if decay == "none" or total <= warmup:
         return 1.0
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 1.0 - frac if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+    shape = 1.0 - frac if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+    return floor + (1.0 - floor) * shape
 
 
 def use_sparse_dist_pipeline(cfg: RunConfig, ctx: DistContext) -> bool:
@@ -138,13 +142,14 @@ class TrainLogger:
     ) -> None:
         self.log, self.every, self.total, self.world_batch, self.group = log, every, total, world_batch, group
         self.t_last, self.step_last = time.perf_counter(), step
-        self.sums: list[Any] = [0.0, 0.0, 0.0]
+        self.sums: list[Any] = [0.0, 0.0, 0.0, 0.0]
 
     def restart_clock(self) -> None:
         self.t_last = time.perf_counter()
 
     def add(self, parts: LossParts) -> None:
-        for i, t in enumerate((parts.total, parts.bce, parts.distill)):
+        kl = parts.kl if parts.kl is not None else torch.zeros(())
+        for i, t in enumerate((parts.total, parts.bce, parts.distill, kl)):
             self.sums[i] += t.detach()
 
     def should_log(self, step: int) -> bool:
@@ -153,18 +158,20 @@ class TrainLogger:
     def record(self, step: int, lr: float, extra: dict[str, Any]) -> dict[str, Any]:
         now = time.perf_counter()
         n = step - self.step_last
-        loss, bce, distill = (float(x) / n for x in self.sums)
+        loss, bce, distill, kl = (float(x) / n for x in self.sums)
         rec = {
             "step": step,
             "loss": loss,
             "bce": bce,
+            # the loss term ψ (a cross entropy for loss = "ce") and the student-teacher gap KL(p̄ ‖ p)
             "distill": distill,
+            "distill_kl": kl,
             "examples_per_s": n * self.world_batch / (now - self.t_last),
             "lr": lr,
             **extra,
         }
         self.log.write(**rec)
-        self.t_last, self.step_last, self.sums = now, step, [0.0, 0.0, 0.0]
+        self.t_last, self.step_last, self.sums = now, step, [0.0, 0.0, 0.0, 0.0]
         # every rank agrees, or the ranks that did not see it would hang in the next collective
         if not dist.all_true(math.isfinite(loss)):
             raise NonFiniteError(
@@ -198,7 +205,7 @@ class LRSchedule:
 
     def apply(self, step: int) -> None:
         # The fused optimizer pushes param_groups' lr into its kernel at zero_grad, before backward.
-        factor = lr_factor(step, self.total, self.cfg.warmup_steps, self.cfg.decay)
+        factor = lr_factor(step, self.total, self.cfg.warmup_steps, self.cfg.decay, self.cfg.lr_floor)
         for g, lr in zip(self.optimizer.param_groups, self.base, strict=True):
             g["lr"] = lr * factor
 
@@ -287,6 +294,9 @@ class Trainer:
         self.checkpointer.register("train", self.state)
         self.checkpointer.register("stream", StreamState(self.stream, self.state), per_rank=True)
         self.checkpointer.register("rng", RNGState(), per_rank=True)
+        self.averager = WeightAverager(cfg.train, self.total_steps)
+        if self.averager.enabled:  # registered only when used, so older checkpoints still resume
+            self.checkpointer.register("average", self.averager, per_rank=True)
         resumed_from = self.checkpointer.maybe_resume()
 
         log = MetricsLog(run.metrics(group), ctx.is_main, resume_step=self.state.step)
@@ -358,6 +368,9 @@ class Trainer:
             # teachers: publish this group's model for the peers, every K steps
             for teacher in self.teachers:
                 teacher.after_step(self.model, step)
+            # average: fold the weights into the final model's running average (train.average)
+            if self.averager.should_sample(step):
+                self.averager.sample(self.model)
             # log: running means since the last line
             if self.logger.should_log(step):
                 extra = {k: v for t in self.teachers for k, v in t.metrics(step).items()}
@@ -386,8 +399,14 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """The final checkpoint and validation; ``result.json``."""
         step = self.state.step
-        final = self.checkpointer.save(step)
-        result: dict[str, Any] = {"group": self.group, "step": step, "checkpoint": str(final)}
+        result: dict[str, Any] = {"group": self.group, "step": step}
+        if self.averager.enabled:
+            # the final model is the average (its checkpoint, validation and predictions)
+            result["averaged_snapshots"] = self.averager.apply(self.model)
+            result["average"] = self.cfg.train.average
+        result["checkpoint"] = str(self.checkpointer.save(step))
+        for teacher in self.teachers:
+            result.update(teacher.metrics(step))
         if self.validator.stream is not None:
             q = quality(predict_batches(self.model, self.validator.stream, self.ctx.world_size))
             self.metrics_log.write(step=step, final=True, **{f"valid_{k}": v for k, v in q.items()})
