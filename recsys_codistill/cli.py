@@ -140,6 +140,8 @@ def _cmd_study(a: argparse.Namespace) -> int:
 
     report = run_study(a.config, overrides=a.set or [])
     print(f"report: {report}")
+    if (report.parent / "regime.md").is_file():
+        print(f"regime map: {report.parent / 'regime.md'}")
     return 0
 
 
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, fn, helptext in (
         ("train", _cmd_train, "train one group, or num_groups co-distilling groups"),
-        ("study", _cmd_study, "baseline / ensemble / codistillation churn study with a report"),
+        ("study", _cmd_study, "N retrains per method, all-pairs churn, verdicts; [study.sweep] regime map"),
     ):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--config", required=name == "study")

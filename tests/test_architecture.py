@@ -24,7 +24,8 @@ def _imports(path: Path) -> set[str]:
 def test_eval_imports_no_torch():
     code = (
         "import sys; import recsys_codistill.eval.metrics, recsys_codistill.eval.churn, "
-        "recsys_codistill.eval.evaluation, recsys_codistill.eval.predictions; "
+        "recsys_codistill.eval.evaluation, recsys_codistill.eval.predictions, "
+        "recsys_codistill.eval.retrains, recsys_codistill.eval.calibration; "
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
         "sys.exit(f'eval imported {bad[:3]}' if bad else 0)"
     )

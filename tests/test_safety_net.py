@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import tomllib
 import torch
 from torch import nn
 
@@ -385,110 +386,14 @@ def test_pruning_keeps_the_newest_keep_last_checkpoints_and_nothing_else_is_touc
     assert [s for s, _ in list_checkpoints(tmp_path)] == [6]
 
 
-# -- the study's aggregates over repeats --------------------------------------------------------------------
-def _repeat(churn: float, flip: float = 0.01, ll_a: float = 0.5, ll_b: float = 0.5) -> dict:
-    q = {"log_loss": None, "auc": 0.7, "ne": 0.9}
-    return {
-        "quality_a": {**q, "log_loss": ll_a},
-        "quality_b": {**q, "log_loss": ll_b},
-        "churn": {
-            "mean_abs_diff": {"value": churn, "ci_low": churn - 0.001, "ci_high": churn + 0.001},
-            "symmetric_pd": {"value": 2 * churn, "ci_low": None, "ci_high": None},
-            "flip_rate": {"value": flip, "ci_low": None, "ci_high": None},
-        },
-    }
-
-
-def test_summarise_matches_numpy_over_repeats():
-    from recsys_codistill.study.study import summarise
-
-    v = np.array([0.031, 0.027, 0.040, 0.029])
-    s = summarise(v.tolist())
-    assert s["n"] == 4
-    assert s["mean"] == pytest.approx(v.mean(), rel=1e-12)
-    assert s["median"] == pytest.approx(np.median(v), rel=1e-12)
-    assert s["std"] == pytest.approx(v.std(ddof=1), rel=1e-12)  # sample std over repeats
-    assert s["half_range"] == pytest.approx((v.max() - v.min()) / 2, rel=1e-12)  # the paper's "±"
-    two = summarise([0.5, 0.3])
-    assert two["half_range"] == pytest.approx(0.1) and two["std"] == pytest.approx(np.std([0.5, 0.3], ddof=1))
-    one = summarise([0.2])
-    assert one["std"] == 0.0 and one["half_range"] == 0.0 and one["n"] == 1
-
-
-def test_paired_differences_are_taken_by_repeat():
-    from recsys_codistill.study.study import paired_vs_baseline
-
-    base = np.array([0.030, 0.050, 0.040])
-    ens = np.array([0.020, 0.052, 0.030])  # repeat 1 is worse than its own baseline
-    per_repeat = {"baseline": [_repeat(c) for c in base], "ensemble": [_repeat(c) for c in ens]}
-    got = paired_vs_baseline(per_repeat, seed=0)
-    assert set(got) == {"ensemble"}
-    d = ens - base
-    e = got["ensemble"]
-    assert e["mean_diff"] == pytest.approx(d.mean(), rel=1e-12)
-    assert e["mean_relative"] == pytest.approx((d / base).mean(), rel=1e-12)
-    assert e["repeats_lower"] == 2 and e["repeats"] == 3
-    # A bootstrap over repeats: the CI holds the mean and lies inside the per-repeat differences.
-    assert d.min() <= e["ci_low"] <= e["mean_diff"] <= e["ci_high"] <= d.max()
-    assert paired_vs_baseline(per_repeat, seed=0) == got  # seeded
-    # Pairing is by repeat: reversing one method's repeats changes the differences but not the means.
-    shuffled = {"baseline": per_repeat["baseline"], "ensemble": per_repeat["ensemble"][::-1]}
-    assert paired_vs_baseline(shuffled, seed=0)["ensemble"]["repeats_lower"] == int(
-        (ens[::-1] - base < 0).sum()
-    )
-    assert paired_vs_baseline({"ensemble": per_repeat["ensemble"]}, seed=0) == {}
-
-
-def test_report_shows_mean_plus_minus_half_range_and_the_paired_differences(tmp_path):
-    from recsys_codistill.study.report import write_report
-    from recsys_codistill.study.study import Method, paired_vs_baseline, summarise
-
-    per_repeat = {
-        "baseline": [_repeat(0.030, ll_a=0.50, ll_b=0.52), _repeat(0.050, ll_a=0.51, ll_b=0.49)],
-        "ensemble": [_repeat(0.020, ll_a=0.48, ll_b=0.50), _repeat(0.040, ll_a=0.47, ll_b=0.49)],
-    }
-    table = {
-        m: {
-            "log_loss": summarise(
-                [q for x in reps for q in (x["quality_a"]["log_loss"], x["quality_b"]["log_loss"])]
-            ),
-            "auc": summarise([0.7, 0.7]),
-            "ne": summarise([0.9, 0.9]),
-            "churn": summarise([x["churn"]["mean_abs_diff"]["value"] for x in reps]),
-            "symmetric_pd": summarise([x["churn"]["symmetric_pd"]["value"] for x in reps]),
-            "flip_rate": summarise([x["churn"]["flip_rate"]["value"] for x in reps]),
-        }
-        for m, reps in per_repeat.items()
-    }
-    result = {
-        "study": {"repeats": 2},
-        "holdout": {"train_rows": 800, "valid_rows": 200, "overlap": 0},
-        "table": table,
-        "per_repeat": per_repeat,
-        "paired_vs_baseline": paired_vs_baseline(per_repeat, seed=0),
-        "curves": {},
-        "codistill_settings": {},
-        "bayes_optimal": None,
-        "timings_s": {"total": 1.0},
-        "versions": {"python": "3"},
-    }
-    methods = [Method("baseline"), Method("ensemble")]
-    text = write_report(tmp_path, result, methods=methods, base_toml="", config_text="").read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| single model |"))
-    assert "0.0400 ± 0.0100 [0.0400]" in row  # churn: mean ± half-range [median] of 0.030 and 0.050
-    assert "0.5050 ± 0.0150" in row  # log loss pools both runs of both repeats: 0.49..0.52
-    paired = next(line for line in text.splitlines() if line.startswith("| ensemble of two | -0.0100"))
-    assert "2/2" in paired  # both repeats lower than their own single-model runs
-
-
-STUDY_TWO_REPEATS = """
+# -- the study's numbers, recomputed from the runs' own prediction files -------------------------------------
+STUDY_CLI = """
 [study]
 out_dir = "{out}"
-repeats = 2
+runs = 5
 methods = ["baseline", "ensemble"]
 synthetic_rows = 4000
 valid_fraction = 0.25
-bootstrap = 20
 
 [data]
 batch_size = 256
@@ -506,38 +411,39 @@ eval_every = 0
 
 
 @pytest.mark.slow
-def test_a_two_repeat_study_through_the_cli_aggregates_its_repeats(tmp_path, capsys):
+def test_a_study_through_the_cli_equals_brute_force_over_its_runs(tmp_path, capsys):
+    import itertools
+
     cfg = tmp_path / "study.toml"
-    cfg.write_text(STUDY_TWO_REPEATS.format(out=tmp_path / "out"))
+    cfg.write_text(STUDY_CLI.format(out=tmp_path / "out"))
     assert cli_main(["study", "--config", str(cfg), "--set", "train.max_steps=8"]) == 0
     assert f"report: {tmp_path / 'out' / 'report.md'}" in capsys.readouterr().out
     result = json.loads((tmp_path / "out" / "study.json").read_text())
-    churn = {
-        m: np.array([x["churn"]["mean_abs_diff"]["value"] for x in result["per_repeat"][m]])
-        for m in ("baseline", "ensemble")
-    }
-    assert all(v.size == 2 for v in churn.values())
-    for m, v in churn.items():
-        s = result["table"][m]["churn"]
-        assert s["n"] == 2 and s["mean"] == pytest.approx(v.mean(), rel=1e-12)
-        assert s["std"] == pytest.approx(v.std(ddof=1), rel=1e-12)
-        assert s["half_range"] == pytest.approx((v.max() - v.min()) / 2, rel=1e-12)
-        ll = [
-            q
-            for x in result["per_repeat"][m]
-            for q in (x["quality_a"]["log_loss"], x["quality_b"]["log_loss"])
-        ]
-        assert result["table"][m]["log_loss"]["n"] == 4
-        assert result["table"][m]["log_loss"]["mean"] == pytest.approx(np.mean(ll), rel=1e-12)
-    d = churn["ensemble"] - churn["baseline"]
-    paired = result["paired_vs_baseline"]["ensemble"]
-    assert paired["repeats"] == 2 and paired["mean_diff"] == pytest.approx(d.mean(), rel=1e-12)
-    assert paired["repeats_lower"] == int((d < 0).sum())
-    # the two repeats are different retrains (other seeds), not one run counted twice
-    assert churn["baseline"][0] != churn["baseline"][1]
+    n_cal = result["holdout"]["calibration_rows"]
+    # every single model's evaluation-row probabilities, by seed index (the run's config records its seed)
+    by_seed = {}
+    for d in (tmp_path / "out" / "runs").iterdir():
+        seed = int(tomllib.loads((d / "config.toml").read_text())["train"]["seed"])
+        t = pq.read_table(d / "valid_predictions_g0.parquet")
+        by_seed[seed] = (t["probability"].to_numpy()[n_cal:], t["label"].to_numpy()[n_cal:].astype(float))
+    P = np.stack([by_seed[i][0] for i in range(5)])
+    y = by_seed[0][1]
+    rows = result["results"]["base"]["rows"]
+    pairs = list(itertools.combinations(range(5), 2))
+    churn = np.mean([np.abs(P[i] - P[j]).mean() for i, j in pairs])
+    assert rows["baseline"]["churn"]["value"] == pytest.approx(churn, rel=1e-12)
+    ens = {(i, j): (P[i] + P[j]) / 2 for i, j in pairs}
+    disjoint = [(a, b) for a, b in itertools.combinations(pairs, 2) if not set(a) & set(b)]
+    e_churn = np.mean([np.abs(ens[a] - ens[b]).mean() for a, b in disjoint])
+    assert rows["ensemble"]["churn"]["value"] == pytest.approx(e_churn, rel=1e-12)
+    ll = np.mean([-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)) for p in P])
+    assert rows["baseline"]["log_loss"]["value"] == pytest.approx(ll, rel=1e-9)
+    rel = rows["ensemble"]["vs_baseline"]["churn_relative"]
+    assert rel["value"] == pytest.approx(e_churn / churn - 1, rel=1e-9) and rel["ci_low"] <= rel["value"]
+    # the five runs are different retrains (other seeds), not one run counted five times
+    assert len({float(p[0]) for p in P}) == 5
     text = (tmp_path / "out" / "report.md").read_text()
-    s = result["table"]["baseline"]["churn"]
-    assert f"{s['mean']:.4f} ± {s['half_range']:.4f}" in text
+    assert f"{rows['baseline']['churn']['value']:.4f} [" in text
 
 
 # -- the CLI end to end -------------------------------------------------------------------------------------
@@ -567,15 +473,15 @@ def test_cli_demo_finds_its_shipped_study_config(tmp_path, monkeypatch, capsys):
 
     seen = {}
 
-    def no_training(study, base, config_text="", variants=None):
-        seen.update(study=study, text=config_text)
-        return Path(study.out_dir) / "report.md"
+    def no_training(spec):
+        seen.update(study=spec.study, text=spec.config_text)
+        return Path(spec.study.out_dir) / "report.md"
 
     monkeypatch.setattr(study_mod, "run", no_training)
     out = tmp_path / "demo"
-    code = cli_main(["demo", "--out", str(out), "--set", "study.repeats=1"])
+    code = cli_main(["demo", "--out", str(out), "--set", "study.runs=5"])
     assert code == 0, capsys.readouterr().err
-    assert seen["study"].out_dir == str(out) and seen["study"].repeats == 1
+    assert seen["study"].out_dir == str(out) and seen["study"].runs == 5
     shipped = Path(__file__).resolve().parents[1] / "configs" / "study_demo.toml"
     assert seen["text"].startswith(shipped.read_text())  # the report records the shipped config
 
@@ -586,8 +492,7 @@ def test_cli_demo_on_tiny_settings_writes_its_report(tmp_path, capsys):
     out = tmp_path / "demo"
     tiny = [
         "study.synthetic_rows=4000",
-        "study.repeats=1",
-        "study.bootstrap=20",
+        "study.runs=5",
         "data.batch_size=256",
         "model.table_sizes=[1000]",
         "model.embedding_dim=8",
@@ -602,7 +507,7 @@ def test_cli_demo_on_tiny_settings_writes_its_report(tmp_path, capsys):
     assert cli_main(["demo", "--out", str(out), *[x for s in tiny for x in ("--set", s)]]) == 0
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
     text = (out / "report.md").read_text()
-    for needle in ("single model", "ensemble of two", "two-way codistillation", "Bayes-optimal"):
+    for needle in ("single model", "ensemble of two", "codistillation, copy 0", "Bayes-optimal"):
         assert needle in text
     result = json.loads((out / "study.json").read_text())
     assert result["study"]["out_dir"] == str(out) and result["holdout"]["valid_rows"] == 800

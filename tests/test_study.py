@@ -1,4 +1,4 @@
-"""The study end to end on a tiny config: every artefact, resumability, and the hold-out check."""
+"""The study end to end on tiny configs: every artefact, resumability, the sweep, and config errors."""
 
 from __future__ import annotations
 
@@ -7,18 +7,16 @@ import json
 import pytest
 
 from recsys_codistill.config import ConfigError
-from recsys_codistill.study.study import check_holdout, load_study, run_study
+from recsys_codistill.study.study import cells, check_holdout, load_spec, run_study
 
 TINY = """
 [study]
 out_dir = "{out}"
-repeats = 1
+runs = {runs}
+methods = {methods}
 synthetic_rows = 6000
 valid_fraction = 0.25
-bootstrap = 50
-
-[study.variants]
-"K=8" = ["codistill.exchange_every=8"]
+{extra}
 
 [data]
 batch_size = 256
@@ -38,41 +36,105 @@ burn_in_steps = 4
 exchange_every = 4
 data = "shared"
 """
+ALL = '["baseline", "calibrated", "ensemble", "codistill"]'
+
+
+def _write(tmp_path, runs=5, methods=ALL, extra=""):
+    cfg = tmp_path / "study.toml"
+    cfg.write_text(TINY.format(out=tmp_path / "out", runs=runs, methods=methods, extra=extra))
+    return cfg
 
 
 @pytest.mark.dist
-def test_tiny_study_writes_every_artefact_and_resumes(tmp_path):
-    cfg = tmp_path / "study.toml"
-    cfg.write_text(TINY.format(out=tmp_path / "out"))
+def test_tiny_study_writes_every_artefact_and_resumes(tmp_path, capsys):
+    cfg = _write(tmp_path)
     report = run_study(cfg)
     out = tmp_path / "out"
     assert report == out / "report.md"
+    printed = capsys.readouterr().out
+    # the plan first (trainings and time), then one line per run started / finished with what is left
+    assert "[study] 1 point(s), 5 runs per method: 10 trainings" in printed.splitlines()[0]
+    assert printed.count("[study] start") == 10 and printed.count("[study] finish") == 10
+    assert "0 left" in printed
     text = report.read_text()
     for needle in (
         "single model",
+        "single model + calibration (platt)",
         "ensemble of two",
-        "two-way codistillation",
+        "codistillation, copy 0",
+        "codistillation, copy 1",
+        "both copies averaged",
+        "Within-run churn",
+        "teacher versions loaded",
+        "Churn decomposition",
+        "Outlier retrains",
         "Bayes-optimal",
-        "95%",
+        "significant at 95%",
         "torchrec",
     ):
-        assert needle in text
-    for png in ("churn.png", "learning_curves.png", "churn_vs_staleness.png"):
+        assert needle in text, needle
+    for png in ("churn.png", "churn_vs_log_loss.png", "forest.png", "learning_curves.png"):
         assert (out / png).stat().st_size > 1000, png
-    assert "codistillation (K=8)" in text
     result = json.loads((out / "study.json").read_text())
-    assert result["holdout"]["overlap"] == 0 and result["holdout"]["valid_rows"] == 1500
-    assert result["codistill_settings"]["codistill[K=8]"]["exchange_every"] == 8
-    for m in ("baseline", "ensemble", "codistill", "codistill[K=8]"):
-        churn = result["per_repeat"][m][0]["churn"]["mean_abs_diff"]
-        assert 0 < churn["value"] < 0.5 and churn["ci_low"] <= churn["value"] <= churn["ci_high"]
-    # the ensemble row really averages two models: its churn differs from the single model's
-    assert result["table"]["ensemble"]["churn"]["mean"] != result["table"]["baseline"]["churn"]["mean"]
-    # resumable: a second run reuses every finished run (no training timings recorded)
+    h = result["holdout"]
+    assert h["overlap"] == 0 and h["valid_rows"] == 1500
+    assert h["calibration_rows"] == 750 and h["evaluation_rows"] == 750
+    rows = result["results"]["base"]["rows"]
+    for m in ("baseline", "calibrated", "ensemble", "codistill", "codistill_g1", "codistill_mean"):
+        c = rows[m]["churn"]
+        assert 0 < c["value"] < 0.5 and c["ci_low"] <= c["value"] <= c["ci_high"], m
+        assert len(c["replicates"]) == 5  # jackknife over the 5 runs
+    # the ensemble really averages models; calibration moves predictions
+    assert rows["ensemble"]["churn"]["value"] < rows["baseline"]["churn"]["value"]
+    assert rows["calibrated"]["churn"]["value"] != rows["baseline"]["churn"]["value"]
+    assert rows["calibrated"]["churn"]["value"] == rows["baseline"]["after_calibration"]["platt"]["value"]
+    info = result["codistill"]["base"]
+    assert info["steps"] == 17 and info["burn_in_steps"] == 4 and not info["never_loaded_a_teacher"]
+    assert all(v >= 3 for v in info["teacher_versions_loaded"])
+    assert result["trainings"]["base"] == {"baseline": 5, "calibrated": 5, "ensemble": 5, "codistill": 10}
+    assert len(result["results"]["base"]["per_run"]["baseline"]) == 5
+    # resumable: a second invocation trains nothing and measures the same
     run_study(cfg)
+    printed = capsys.readouterr().out
+    assert "(10 already finished" in printed and "[study] start" not in printed
     again = json.loads((out / "study.json").read_text())
-    assert set(again["timings_s"]) == {"total"}
-    assert again["table"] == result["table"]
+    assert again["results"] == result["results"]
+
+
+@pytest.mark.dist
+def test_sweep_reuses_finished_runs_and_tabulates_every_point(tmp_path, capsys):
+    import pyarrow.csv as pacsv
+
+    sweep = """
+[study.sweep.learning_rate]
+set = ["optim.dense_lr={}", "optim.sparse_lr={}"]
+values = [0.02, 0.1]
+"""
+    cfg = _write(tmp_path, runs=3, methods='["baseline", "calibrated"]', extra=sweep)
+    run_study(cfg)
+    first = capsys.readouterr().out
+    # base + 2 points, 3 runs each: 9 single models
+    assert "3 point(s), 3 runs per method: 9 trainings" in first and first.count("[study] finish") == 9
+    out = tmp_path / "out"
+    regime = (out / "regime.md").read_text()
+    assert "## learning_rate" in regime and (out / "regime_learning_rate.png").stat().st_size > 1000
+    table = pacsv.read_csv(out / "regime.csv").to_pylist()
+    points = [(r["axis"], str(r["value"]), r["row"]) for r in table]
+    assert points == [
+        ("base", "base", "baseline"),
+        ("base", "base", "calibrated"),
+        ("learning_rate", "0.02", "baseline"),
+        ("learning_rate", "0.02", "calibrated"),
+        ("learning_rate", "0.1", "baseline"),
+        ("learning_rate", "0.1", "calibrated"),
+    ]
+    for r in table:
+        assert r["churn_ci_low"] <= r["churn"] <= r["churn_ci_high"]
+        if r["axis"] != "base":
+            assert r["churn_rel_vs_base_baseline_ci_low"] <= r["churn_rel_vs_base_baseline"]
+    # a second invocation trains nothing
+    run_study(cfg)
+    assert "[study] start" not in capsys.readouterr().out
 
 
 def test_overlapping_holdout_is_refused(tmp_path):
@@ -84,14 +146,51 @@ def test_overlapping_holdout_is_refused(tmp_path):
         check_holdout(tmp_path)
 
 
+def test_study_whose_burn_in_covers_its_steps_is_refused_before_training(tmp_path, capsys):
+    cfg = _write(tmp_path, runs=3, methods='["baseline", "codistill"]')
+    with pytest.raises(ConfigError, match=r"burn_in_steps = 40 >= the run's 17 training steps"):
+        run_study(cfg, ["codistill.burn_in_steps=40"])
+    assert "[study] start" not in capsys.readouterr().out
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_study_config_errors(tmp_path):
     p = tmp_path / "s.toml"
-    p.write_text('[study]\nmethods = ["baseline", "bagging"]\n')
-    with pytest.raises(ConfigError, match="bagging"):
-        load_study(p)
-    p.write_text('[study.variants]\nbad = ["codistill.exchange_every=0"]\n')
-    with pytest.raises(ConfigError, match="variant 'bad'"):
-        load_study(p)
-    p.write_text("[study]\nrepeat = 3\n")
-    with pytest.raises(ConfigError, match="unknown key 'study.repeat'"):
-        load_study(p)
+    for text, message in (
+        ('[study]\nmethods = ["baseline", "bagging"]\n', "bagging"),
+        ('[study]\nmethods = ["codistill"]\n', "must include 'baseline'"),
+        ("[study]\nruns = 4\n", "ensemble row needs at least 5 runs"),
+        ("[study]\nruns = 2\n", "study.runs"),
+        ("[study]\nrepeats = 3\n", "study.repeats was removed in study v2; use study.runs"),
+        ("[study]\nrepeat = 3\n", "unknown key 'study.repeat'"),
+        ('[study.variants]\nbad = ["codistill.exchange_every=0"]\n', "point 'bad'"),
+        ('[study.sweep.lr]\nset = "optim.dense_lr=1"\nvalues = [1]\n', "templates"),
+        ('[study.sweep.lr]\nset = "optim.dense_lr={}"\nvalues = [-1]\n', "point 'lr=-1'"),
+        ("[study.sweep.lr]\nvalues = [1, 2]\nfoo = 1\n", "expected keys"),
+        ('[study.sweep.k]\npoints = {a = ["codistill.exchange_every=3"], b = "x"}\n', "points must map"),
+    ):
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_spec(p)
+
+
+def test_sweep_points_from_templates_and_named_points(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text(
+        """
+[study.variants]
+"K=8" = ["codistill.exchange_every=8"]
+[study.sweep.schedule]
+set = ["optim.decay={}"]
+values = ["linear", "cosine"]
+[study.sweep.floor]
+points = {"linear to 0.1" = ["optim.decay=linear", "optim.lr_floor=0.1"]}
+"""
+    )
+    got = [(c.name, c.overrides, c.axis, c.rows) for c in cells(load_spec(p))]
+    assert got[0][0] == "base" and got[1] == ("K=8", ("codistill.exchange_every=8",), None, ("codistill",))
+    assert [g[:3] for g in got[2:]] == [
+        ("schedule=linear", ('optim.decay="linear"',), "schedule"),
+        ("schedule=cosine", ('optim.decay="cosine"',), "schedule"),
+        ("floor=linear to 0.1", ("optim.decay=linear", "optim.lr_floor=0.1"), "floor"),
+    ]

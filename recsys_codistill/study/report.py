@@ -1,238 +1,332 @@
-"""``report.md`` and PNG plots of a churn study (see :mod:`recsys_codistill.study.study`).
+"""``report.md`` (the base point and variants) and ``regime.md`` (the sweep) of a churn study, with plots.
 
-The study's result dict is keyed by each row's :attr:`~recsys_codistill.study.Method.key` (as
-``study.json`` is); the report is given the :class:`~recsys_codistill.study.Method` rows themselves and
-takes their labels from them.
+Both read only the study's result dict (``study.json``, see :mod:`recsys_codistill.study.study`): every
+figure printed here is one measured there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from recsys_codistill.study.study import Method
 
 PAPER = {  # Anil et al. 2018, Table 1 (full Criteo): validation log loss and churn
     "baseline": (0.4480, 0.029),
     "ensemble": (0.4461, 0.022),
     "codistill": (0.4458, 0.019),
 }
+ROW_LABELS = {
+    "baseline": "single model",
+    "calibrated": "single model + calibration",
+    "ensemble": "ensemble of two",
+    "codistill": "codistillation, copy 0",
+    "codistill_g1": "codistillation, copy 1",
+    "codistill_mean": "codistillation, both copies averaged",
+}
+FLAG = "🔴 **flagged**"
 
 
-def _paper(method: Method) -> tuple[float, float] | None:
-    """The paper's (log loss, churn) for a method's own row; variants have none."""
-    return PAPER.get(method.name) if method.variant is None else None
+def _label(row: str, cell: str, result: dict[str, Any] | None = None) -> str:
+    base = ROW_LABELS.get(row, row)
+    if row == "calibrated" and result is not None:
+        base += f" ({result['study']['calibration']})"
+    return base if cell == "base" else f"{base} [{cell}]"
 
 
-def _pm(s: dict[str, float], digits: int = 4) -> str:
-    return f"{s['mean']:.{digits}f} ± {s['half_range']:.{digits}f}"
+def _est(e: dict[str, Any] | None, digits: int = 4, pct: bool = False, sign: bool = False) -> str:
+    if not e:
+        return "—"
+    f = (
+        (lambda x: f"{100 * x:+.0f}%")
+        if pct
+        else (lambda x: f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}")
+    )
+    return f"{f(e['value'])} [{f(e['ci_low'])}, {f(e['ci_high'])}]"
 
 
-def _plot(root: Path, result: dict[str, Any], labels: dict[str, str]) -> list[str]:
+def _significant(e: dict[str, Any]) -> bool:
+    return e["ci_high"] < 0 or e["ci_low"] > 0
+
+
+def verdict(label: str, r: dict[str, Any], confidence: float) -> str:
+    """One sentence: the paired churn change with its interval, the log-loss change, significance."""
+    c, ll = r["vs_baseline"]["churn_relative"], r["vs_baseline"]["log_loss"]
+    verb = "cuts" if c["value"] < 0 else "raises"
+    few = " (few runs: a small-sample t interval, wide)" if c.get("few_runs") else ""
+    return (
+        f"**{label}** {verb} churn by {abs(100 * c['value']):.0f}% [{100 * c['ci_low']:+.0f}%, "
+        f"{100 * c['ci_high']:+.0f}%] at log loss {ll['value']:+.4f} [{ll['ci_low']:+.4f}, {ll['ci_high']:+.4f}]; "
+        f"{'significant' if _significant(c) else 'not significant'} at {100 * confidence:.0f}%{few}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# plots
+
+
+def _pyplot():  # noqa: ANN202
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig: Any, root: Path, name: str, made: list[str]) -> None:
+    fig.tight_layout()
+    fig.savefig(root / name, dpi=120)
+    _pyplot().close(fig)
+    made.append(name)
+
+
+def _rows(result: dict[str, Any], cells: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(cell, row, r) for cell in cells for row, r in result["results"][cell]["rows"].items()]
+
+
+def _plots(root: Path, result: dict[str, Any], cells: list[str]) -> list[str]:
+    plt = _pyplot()
     made: list[str] = []
+    rows = _rows(result, cells)
+    labels = [_label(row, cell, result) for cell, row, _ in rows]
 
-    def save(fig, name: str) -> None:  # noqa: ANN001
-        fig.tight_layout()
-        fig.savefig(root / name, dpi=120)
-        plt.close(fig)
-        made.append(name)
-
-    # 1. churn per method: one dot per repeat, the median as a bar.
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    methods = list(result["per_repeat"])
-    for i, m in enumerate(methods):
-        vals = [x["churn"]["mean_abs_diff"]["value"] for x in result["per_repeat"][m]]
-        lo = [x["churn"]["mean_abs_diff"]["ci_low"] for x in result["per_repeat"][m]]
-        hi = [x["churn"]["mean_abs_diff"]["ci_high"] for x in result["per_repeat"][m]]
-        ax.bar(i, float(np.median(vals)), color="#9ecae1", width=0.6)
-        xs = [i + (j - (len(vals) - 1) / 2) * 0.08 for j in range(len(vals))]
-        if None not in lo and None not in hi:
-            ax.errorbar(
-                xs,
-                vals,
-                yerr=[
-                    [v - a for v, a in zip(vals, lo, strict=True)],
-                    [b - v for v, b in zip(vals, hi, strict=True)],
-                ],
-                fmt="o",
-                color="k",
-                ms=3,
-                lw=0.8,
-            )
-        else:
-            ax.plot(xs, vals, "ko", ms=3)
-    ax.set_xticks(
-        range(len(methods)), [labels[m] for m in methods], fontsize=7, rotation=15 if len(methods) > 3 else 0
-    )
-    ax.set_ylabel("churn: mean |pA − pB|")
-    ax.set_title("Churn between two retrains (bars: median; dots: repeats, row-bootstrap 95% CI)", fontsize=8)
-    save(fig, "churn.png")
-
-    # 2. churn vs staleness (exchange interval K), when the study compares several K.
-    settings = result.get("codistill_settings", {})
-    ks = {v["exchange_every"] for v in settings.values()}
-    if len(ks) > 1:
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        pts = sorted(
-            (
-                settings[m]["exchange_every"],
-                float(np.median([x["churn"]["mean_abs_diff"]["value"] for x in result["per_repeat"][m]])),
-                m,
-            )
-            for m in settings
+    # 1. churn per row with its run-level interval
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(rows) + 1.2))
+    for i, (_, _, r) in enumerate(rows):
+        c = r["churn"]
+        ax.errorbar(
+            c["value"], i, xerr=[[c["value"] - c["ci_low"]], [c["ci_high"] - c["value"]]], fmt="o", color="k"
         )
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="codistillation")
-        for k, v, m in pts:
-            ax.annotate(
-                labels[m].replace("codistillation ", ""),
-                (k, v),
-                fontsize=6,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-        if "baseline" in result["per_repeat"]:
-            base = float(
-                np.median([x["churn"]["mean_abs_diff"]["value"] for x in result["per_repeat"]["baseline"]])
-            )
-            ax.axhline(base, color="gray", ls="--", lw=0.8, label="single model")
-        ax.set_xscale("log")
-        ax.set_xlabel("exchange interval K (steps; staleness up to K)")
-        ax.set_ylabel("median churn")
-        ax.legend(fontsize=8)
-        ax.set_title("Churn vs teacher staleness", fontsize=9)
-        save(fig, "churn_vs_staleness.png")
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("churn: mean |pA − pB| over all pairs of runs (jackknife CI over runs)")
+    _save(fig, root, "churn.png", made)
 
-    # 3. learning curves of repeat 0.
+    # 2. churn vs log loss, one point per row
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (_, _, r), lab in zip(rows, labels, strict=True):
+        c, ll = r["churn"], r["log_loss"]
+        ax.errorbar(
+            ll["value"],
+            c["value"],
+            xerr=[[ll["value"] - ll["ci_low"]], [ll["ci_high"] - ll["value"]]],
+            yerr=[[c["value"] - c["ci_low"]], [c["ci_high"] - c["value"]]],
+            fmt="o",
+            ms=4,
+            lw=0.8,
+        )
+        ax.annotate(lab, (ll["value"], c["value"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("evaluation log loss (mean over runs)")
+    ax.set_ylabel("churn")
+    ax.set_title("Churn vs log loss (lower left is better)", fontsize=9)
+    _save(fig, root, "churn_vs_log_loss.png", made)
+
+    # 3. forest plot of paired differences to the single model
+    others = [(cell, row, r) for cell, row, r in rows if row != "baseline"]
+    if others:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 0.35 * len(others) + 1.4), sharey=True)
+        for ax, key, title, scale in (
+            (axes[0], "churn_relative", "churn change vs single model (%)", 100),
+            (axes[1], "log_loss", "log-loss change vs single model", 1),
+        ):
+            for i, (_, _, r) in enumerate(others):
+                e = r["vs_baseline"][key]
+                v, lo, hi = (scale * e[k] for k in ("value", "ci_low", "ci_high"))
+                ax.errorbar(v, i, xerr=[[v - lo], [hi - v]], fmt="o", color="C3" if _significant(e) else "k")
+            ax.axvline(0, color="gray", lw=0.8, ls="--")
+            ax.set_xlabel(title, fontsize=8)
+        axes[0].set_yticks(
+            range(len(others)), [_label(row, cell, result) for cell, row, _ in others], fontsize=7
+        )
+        axes[0].invert_yaxis()
+        fig.suptitle("Paired by seed index, jackknife over runs (red: CI excludes 0)", fontsize=8)
+        _save(fig, root, "forest.png", made)
+
+    # 4. learning curves of run 0
     if any(result["curves"].values()):
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         for name, pts in result["curves"].items():
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
-        if result.get("bayes_optimal"):
-            ax.axhline(
-                result["bayes_optimal"]["log_loss"], color="gray", ls="--", lw=0.8, label="Bayes optimum"
-            )
         ax.set_xlabel("step")
-        ax.set_ylabel("validation log loss")
-        ax.legend(fontsize=8)
-        ax.set_title("Learning curves (repeat 0)", fontsize=9)
-        save(fig, "learning_curves.png")
+        ax.set_ylabel("validation log loss (whole hold-out)")
+        ax.legend(fontsize=7)
+        _save(fig, root, "learning_curves.png", made)
     return made
 
 
-def write_report(
-    root: Path, result: dict[str, Any], *, methods: Sequence[Method], base_toml: str, config_text: str
-) -> Path:
-    """Write ``root/report.md`` (and its plots) for a study ``result`` whose rows are ``methods``."""
+# ---------------------------------------------------------------------------------------------------
+# report.md
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in body
+    ]
+
+
+def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_text: str) -> Path:
+    """``root/report.md`` and its plots for the base point and the variants."""
     root = Path(root)
-    by_key = {m.key: m for m in methods}
-    labels = {key: m.label for key, m in by_key.items()}
-    plots = _plot(root, result, labels)
-    t = result["table"]
+    cells = [c for c, info in result["cells"].items() if info["axis"] is None]
+    plots = _plots(root, result, cells)
+    s, h = result["study"], result["holdout"]
+    conf = s["confidence"]
+    n = s["runs"]
     lines = [
         "# Prediction churn study",
         "",
-        f"{result['study']['repeats']} repeats; hold-out of {result['holdout']['valid_rows']:,} rows "
-        f"(training {result['holdout']['train_rows']:,} rows; row ids checked disjoint). "
-        "Values are mean ± half-range over repeats (the paper's convention), median in brackets. Log loss, "
-        "AUC and NE pool both runs of every repeat; churn is mean |pA − pB| between the two independent "
-        "runs of a method on the same hold-out rows (copy 0 of each codistillation run).",
-        "",
-        "| method | val log loss | AUC | NE | churn mean abs diff [median] | symmetric PD | flip rate "
-        "| paper: log loss / churn |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{n} independent runs per method (seed indices 0..{n - 1}; copy 0 of codistillation run i starts from "
+        "the weights and data order of single model i). Churn is mean |pA − pB| averaged over all "
+        f"{n * (n - 1) // 2} pairs of a method's runs; intervals ({100 * conf:.0f}%) are a jackknife over runs "
+        "(pairs sharing a run are dependent), and differences to the single model are paired by seed index. "
+        f"The hold-out ({h['valid_rows']:,} rows; training {h['train_rows']:,}; row ids checked disjoint) is cut "
+        f"in its order: the first {h['calibration_rows']:,} rows fit post-hoc calibrators, every number below is "
+        f"measured on the other {h['evaluation_rows']:,}.",
     ]
-    for m, row in t.items():
-        paper = _paper(by_key[m])
-        lines.append(
-            f"| {labels[m]} | {_pm(row['log_loss'])} | {_pm(row['auc'])} | {_pm(row['ne'])} | "
-            f"{_pm(row['churn'])} [{row['churn']['median']:.4f}] | {_pm(row['symmetric_pd'])} | "
-            f"{_pm(row['flip_rate'])} | " + (f"{paper[0]} / {paper[1]} |" if paper else " |")
-        )
-    if "baseline" in t:
-        base = t["baseline"]["churn"]["median"]
-        rel = ", ".join(
-            f"{labels[m]} {100 * (t[m]['churn']['median'] / base - 1):+.0f}%" for m in t if m != "baseline"
-        )
-        if rel:
-            lines += [
-                "",
-                f"Median churn relative to the single model: {rel} "
-                "(paper: ensemble −24%, codistillation −35%).",
-            ]
-    paired = result.get("paired_vs_baseline") or {}
-    if paired:
+    if n < 5:
         lines += [
             "",
-            "Paired by repeat (each method's runs share seeds and hold-out rows with the single-model runs), "
-            "churn minus the single model's, mean over repeats with a bootstrap 95% CI over repeats (this is "
-            "the retrain-to-retrain uncertainty; the per-repeat CIs below only cover the hold-out rows):",
-            "",
-            "| method | churn − single model | relative | repeats lower |",
-            "|---|---|---|---|",
+            f"**Few runs ({n}):** intervals are small-sample t intervals with {n - 1} degrees of freedom, wide.",
         ]
-        for m, d in paired.items():
-            lines.append(
-                f"| {labels[m]} | {d['mean_diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | "
-                f"{100 * d['mean_relative']:+.0f}% "
-                f"[{100 * d['relative_ci_low']:+.0f}%, {100 * d['relative_ci_high']:+.0f}%] | "
-                f"{d['repeats_lower']}/{d['repeats']} |"
+    for cell in cells:
+        rows = result["results"][cell]["rows"]
+        train = result["trainings"][cell]
+        lines += ["", f"## {'Base point' if cell == 'base' else 'Variant ' + cell}", ""]
+        body = []
+        for row, r in rows.items():
+            paper = PAPER.get(row) if cell == "base" else None
+            cost = train["codistill"] if row.startswith("codistill") else train.get(row, train["baseline"])
+            ac = r["after_calibration"]
+            body.append(
+                [
+                    _label(row, cell, result),
+                    str(cost),
+                    _est(r["log_loss"]),
+                    _est(r["auc"]),
+                    _est(r["churn"]),
+                    f"{ac['offset']['value']:.4f} / {ac['platt']['value']:.4f} / {ac['isotonic']['value']:.4f}",
+                    "—" if row == "baseline" else _est(r["vs_baseline"]["churn_relative"], pct=True),
+                    "—" if row == "baseline" else _est(r["vs_baseline"]["log_loss"], sign=True),
+                    f"{paper[0]} / {paper[1]}" if paper else "",
+                ]
             )
+        lines += _table(
+            [
+                "row",
+                "trainings",
+                "log loss",
+                "AUC",
+                "churn",
+                "churn after offset / Platt / isotonic",
+                "churn vs single model",
+                "log loss vs single model",
+                "paper: log loss / churn",
+            ],
+            body,
+        )
+        lines += [
+            "",
+            "Trainings: models trained for the row's N served models (an ensemble serves two of the single "
+            "models at once; a codistillation run trains two copies).",
+            "",
+        ]
+        lines += [verdict(_label(row, cell, result), r, conf) for row, r in rows.items() if row != "baseline"]
+        info = result["codistill"].get(cell)
+        if info and "codistill" in rows:
+            w = rows["codistill"]["within_run"]
+            lines += [
+                "",
+                f"Within-run churn (copy 0 vs copy 1 of the same run, mean over runs): {_est(w)}, against "
+                f"between-run churn {_est(rows['codistill']['churn'])} (copy 0) and {_est(rows['baseline']['churn']) if 'baseline' in rows else '—'} "
+                "between single models: how close the pull brings the two copies it couples.",
+                "",
+                f"Settings: {info['steps']} steps, burn-in {info['burn_in_steps']}, K = {info['exchange_every']}, "
+                f"w = {info['distill_weight']}, loss {info['loss']}, data {info['data']}; teacher versions loaded "
+                f"per copy {info['teacher_versions_loaded']}, mean staleness {info['mean_staleness']} steps.",
+            ]
+            if info["never_loaded_a_teacher"]:
+                lines += [
+                    "",
+                    f"{FLAG}: a codistillation copy of this point never loaded a teacher: it is a baseline.",
+                ]
+        dec = [
+            [_label(row, cell, result), f"{r['churn']['value']:.4f}"]
+            + [f"{r['after_calibration'][k]['value']:.4f}" for k in ("offset", "platt", "isotonic")]
+            + [
+                f"{100 * r['decomposition'][k]:.0f}%"
+                for k in ("global_shift", "monotone_recalibration", "reordering")
+            ]
+            for row, r in rows.items()
+        ]
+        lines += [
+            "",
+            "Churn decomposition: each model recalibrated on the calibration rows (a logit offset; Platt; "
+            "isotonic), churn re-measured on the evaluation rows. *Global shift* is the share a per-model logit "
+            "offset removes, *monotone* the share isotonic recalibration removes; what is left is rows ranked "
+            "differently, which no recalibration of each model removes.",
+            "",
+        ]
+        lines += _table(
+            [
+                "row",
+                "raw churn",
+                "after offset",
+                "after Platt",
+                "after isotonic",
+                "global shift",
+                "monotone",
+                "reordering",
+            ],
+            dec,
+        )
+        per_run = result["results"][cell]["per_run"]
+        flagged = [(k, x) for k, xs in per_run.items() for x in xs if x["outlier"]]
+        lines += [
+            "",
+            "Outlier retrains: each run's distance to the consensus of the others (mean |p_run − median of the "
+            f"other runs|), flagged when its modified z-score exceeds {s['outlier_threshold']}: "
+            + (
+                "; ".join(
+                    f"{FLAG} {ROW_LABELS[k]} run {x['index']} (seed {x['seed']}, log loss {x['log_loss']:.4f}, "
+                    f"distance {x['consensus_distance']:.4f}, z {x['robust_z']:.1f})"
+                    for k, x in flagged
+                )
+                if flagged
+                else "none."
+            ),
+            "",
+        ]
+        lines += _table(
+            ["runs", "index", "seed", "log loss", "consensus distance", "robust z"],
+            [
+                [
+                    ROW_LABELS[k],
+                    str(x["index"]),
+                    str(x["seed"]),
+                    f"{x['log_loss']:.4f}",
+                    f"{x['consensus_distance']:.4f}",
+                    f"{x['robust_z']:.1f}",
+                ]
+                for k, xs in per_run.items()
+                for x in xs
+            ],
+        )
     if result.get("bayes_optimal"):
         b = result["bayes_optimal"]
         lines += [
             "",
-            f"Bayes-optimal on this hold-out (synthetic truth): log loss {b['log_loss']:.4f}, "
-            f"AUC {b['auc']:.4f}.",
+            f"Bayes-optimal on the evaluation rows (synthetic truth): log loss {b['log_loss']:.4f}, AUC {b['auc']:.4f}.",
         ]
-    settings = result.get("codistill_settings", {})
-    if settings:
-        lines += [
-            "",
-            "Codistillation settings: "
-            + "; ".join(
-                f"{labels[m]}: K={v['exchange_every']}, burn-in {v['burn_in_steps']}, "
-                f"w={v['distill_weight']}, loss {v['loss']}, data {v['data']}"
-                for m, v in settings.items()
-            )
-            + ".",
-        ]
-    lines += [
-        "",
-        "## Per repeat (95% paired bootstrap CIs)",
-        "",
-        "| method | repeat | churn [95% CI] | flip rate [95% CI] | log loss A / B |",
-        "|---|---|---|---|---|",
-    ]
-    for m, reps in result["per_repeat"].items():
-        for r, x in enumerate(reps):
-            c, f = x["churn"]["mean_abs_diff"], x["churn"]["flip_rate"]
-
-            def ci(e: dict[str, Any]) -> str:
-                return (
-                    f"{e['value']:.4f} [{e['ci_low']:.4f}, {e['ci_high']:.4f}]"
-                    if e["ci_low"] is not None
-                    else f"{e['value']:.4f}"
-                )
-
-            log_losses = f"{x['quality_a']['log_loss']:.4f} / {x['quality_b']['log_loss']:.4f}"
-            lines.append(f"| {labels[m]} | {r} | {ci(c)} | {ci(f)} | {log_losses} |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    timings = result["timings_s"]
+    t = result["timings"]
     lines += [
         "",
-        "## Timings (s)",
+        "## Timings",
         "",
-        ", ".join(f"{k}: {v}" for k, v in timings.items()),
+        f"Total {t['total_s']} s this invocation; per run (s): "
+        + ", ".join(f"{k}: {v['seconds']}" for k, v in t["runs"].items()),
         "",
         "## Versions",
         "",
@@ -254,3 +348,147 @@ def write_report(
     out = root / "report.md"
     out.write_text("\n".join(lines))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# regime.md
+
+
+def regime_table(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per (axis, point, row): churn, log loss and the paired changes, with intervals."""
+    out = []
+    for cell, info in result["cells"].items():
+        if info["axis"] is None and cell != "base":
+            continue
+        res = result["results"][cell]
+        for row, r in res["rows"].items():
+            rec: dict[str, Any] = {
+                "axis": info["axis"] or "base",
+                "value": info["value"] or "base",
+                "row": row,
+            }
+            for name, e in (
+                ("churn", r["churn"]),
+                ("log_loss", r["log_loss"]),
+                ("churn_rel_vs_point_baseline", r["vs_baseline"]["churn_relative"]),
+                ("log_loss_vs_point_baseline", r["vs_baseline"]["log_loss"]),
+                (
+                    "churn_rel_vs_base_baseline",
+                    (res.get("vs_base_point") or {}).get(row, {}).get("churn_relative"),
+                ),
+                ("log_loss_vs_base_baseline", (res.get("vs_base_point") or {}).get(row, {}).get("log_loss")),
+                ("churn_after_isotonic", r["after_calibration"]["isotonic"]),
+            ):
+                if cell == "base" and name.endswith("base_baseline"):
+                    e = r["vs_baseline"]["churn_relative" if name.startswith("churn") else "log_loss"]
+                for k in ("value", "ci_low", "ci_high"):
+                    rec[f"{name}_{k}" if k != "value" else name] = None if e is None else e[k]
+            if row == "codistill":
+                w = r.get("within_run")
+                rec["within_run_churn"] = w["value"] if w else None
+            out.append(rec)
+    return out
+
+
+def write_regime(root: Path, result: dict[str, Any]) -> Path:
+    """``regime.md`` (a table per axis), ``regime.csv`` / ``regime.parquet`` (all rows) and one plot per axis."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    records = regime_table(result)
+    table = pa.Table.from_pylist(records)
+    pq.write_table(table, root / "regime.parquet")
+    pacsv.write_csv(table, root / "regime.csv")
+    plt = _pyplot()
+    axes = list(dict.fromkeys(r["axis"] for r in records if r["axis"] != "base"))
+    base = [r for r in records if r["axis"] == "base"]
+    lines = [
+        "# Regime map",
+        "",
+        "Each axis is varied one at a time around the base point; every point trains its own single models and "
+        f"codistillation runs ({result['study']['runs']} each; points that differ only in codistillation settings "
+        "share the single models). Changes are paired by seed index, jackknifed over runs: *vs point* compares "
+        "with the single model trained at the same point, *vs base* with the single model of the base point "
+        "(is this setting better than not changing anything?).",
+        "",
+    ]
+    for axis in axes:
+        recs = base + [r for r in records if r["axis"] == axis]
+        lines += [f"## {axis}", ""]
+        lines += _table(
+            [
+                "point",
+                "row",
+                "churn",
+                "churn vs point single model",
+                "churn vs base single model",
+                "log loss",
+                "log loss vs base",
+            ],
+            [
+                [
+                    str(r["value"]),
+                    ROW_LABELS.get(r["row"], r["row"]),
+                    _fmt3(r, "churn"),
+                    _fmt3(r, "churn_rel_vs_point_baseline", pct=True) if r["row"] != "baseline" else "—",
+                    _fmt3(r, "churn_rel_vs_base_baseline", pct=True)
+                    if r["axis"] != "base" or r["row"] != "baseline"
+                    else "—",
+                    _fmt3(r, "log_loss"),
+                    _fmt3(r, "log_loss_vs_base_baseline", sign=True)
+                    if r["axis"] != "base" or r["row"] != "baseline"
+                    else "—",
+                ]
+                for r in recs
+            ],
+        )
+        lines += ["", f"![{axis}](regime_{_safe(axis)}.png)", ""]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        points = list(dict.fromkeys(r["value"] for r in recs))
+        for j, row in enumerate(dict.fromkeys(r["row"] for r in recs)):
+            rs = [r for r in recs if r["row"] == row]
+            xs = [points.index(r["value"]) + 0.08 * (j - 2) for r in rs]
+            for ax, key, scale in (
+                (a1, "churn_rel_vs_base_baseline", 100),
+                (a2, "log_loss_vs_base_baseline", 1),
+            ):
+                v = np.array([np.nan if r[key] is None else scale * r[key] for r in rs], dtype=float)
+                lo = np.array(
+                    [np.nan if r[f"{key}_ci_low"] is None else scale * r[f"{key}_ci_low"] for r in rs], float
+                )
+                hi = np.array(
+                    [np.nan if r[f"{key}_ci_high"] is None else scale * r[f"{key}_ci_high"] for r in rs],
+                    float,
+                )
+                ax.errorbar(
+                    xs, v, yerr=[v - lo, hi - v], fmt="o-", ms=4, lw=0.8, label=ROW_LABELS.get(row, row)
+                )
+        for ax, title in (
+            (a1, "churn change vs base single model (%)"),
+            (a2, "log-loss change vs base single model"),
+        ):
+            ax.axhline(0, color="gray", lw=0.8, ls="--")
+            ax.set_xticks(range(len(points)), points, fontsize=7, rotation=20)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(axis)
+        a1.legend(fontsize=6)
+        made: list[str] = []
+        _save(fig, root, f"regime_{_safe(axis)}.png", made)
+    lines += ["Full table: `regime.csv` / `regime.parquet` (one row per axis point and row, with intervals)."]
+    out = root / "regime.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+def _fmt3(r: dict[str, Any], key: str, pct: bool = False, sign: bool = False) -> str:
+    if r.get(key) is None:
+        return "—"
+    return _est(
+        {"value": r[key], "ci_low": r[f"{key}_ci_low"], "ci_high": r[f"{key}_ci_high"]}, pct=pct, sign=sign
+    )

@@ -1,21 +1,35 @@
-"""The churn study (Anil et al. 2018, Table 1): baseline vs ensemble vs two-way codistillation.
+"""The churn study, v2: N independent retrains per method, all pairs, run-level intervals, verdicts.
 
-For each of R repeats:
-- four independent baselines b0..b3 (different seeds, hence different init and data order);
-  baseline churn = churn(b0, b1); ensemble churn = churn(mean(b0, b2), mean(b1, b3));
-- two independent codistillation runs c0, c1 (two groups each); churn = churn(c0.group0, c1.group0)
-  (copy 0 of each run, as the paper);
-all predicted on a hold-out that shares no row id with the training rows (checked). Finished runs and
-predictions are reused, so an interrupted study resumes where it stopped. Output: ``report.md`` with the
-table, per-repeat values and bootstrap CIs, PNG plots, the exact configs, versions and timings.
+Design (see README "The study"):
+
+- **Runs.** Per study point ("cell": the base config, a ``[study.variants]`` entry, or one value of a
+  ``[study.sweep]`` axis) the study trains ``study.runs`` = N single models and N two-way codistillation
+  runs. Run ``i`` of every method uses seed index ``i``; copy 0 of codistillation run ``i`` starts from the
+  same weights and sees the same data order as single model ``i`` (a paired design).
+- **All pairs.** A method's churn is mean |pA − pB| averaged over all N(N−1)/2 pairs of its runs. Pairs that
+  share a run are dependent, so every interval is a jackknife over *runs* (delete one run, recompute), never
+  a bootstrap over pairs or rows; differences to the single model are jackknifed jointly (deleting run i
+  removes it from both methods), which pairs them by seed index.
+- **Derived rows** cost no training: the ensemble of two (every pair of single models; churn between
+  ensembles with no shared member), the single model + post-hoc calibration, and for codistillation copy 1,
+  the mean of both copies, and the within-run churn between the two copies of one run.
+- **Calibration split.** The hold-out is cut in two in its own order (time order for a time split): the
+  first ``study.calibration_fraction`` fits post-hoc calibrators, the rest are the evaluation rows on which
+  every number of the report is measured. Churn is decomposed per method into what a global logit offset
+  removes, what a monotone recalibration (isotonic) removes, and the rest (rows ranked differently).
+- **Runs are content-addressed**: a run's directory is named by a hash of its resolved config, so a sweep
+  point that equals another point (or the base) reuses its runs, and an interrupted study resumes where it
+  stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +40,7 @@ import pyarrow.parquet as pq
 
 from data_pipeline.manifest import MANIFEST, data_files
 from recsys_codistill.config import (
+    CodistillConfig,
     ConfigError,
     RunConfig,
     apply_overrides,
@@ -33,27 +48,30 @@ from recsys_codistill.config import (
     check_ranges,
     config_dict_from_sources,
     from_dict,
-    load_config,
     ranged,
     to_dict,
     to_toml,
 )
-from recsys_codistill.eval.evaluation import ensemble_probabilities
-from recsys_codistill.eval.metrics import summary
+from recsys_codistill.eval import retrains
+from recsys_codistill.eval.metrics import logit, roc_auc, sigmoid
 from recsys_codistill.run_dir import RunDir
 
-METHODS = ("baseline", "ensemble", "codistill")
+#: Rows a study can report; the codistillation row adds its copy-1 / both-copies / within-run lines.
+METHODS = ("baseline", "calibrated", "ensemble", "codistill")
 METHOD_LABELS = {
     "baseline": "single model",
+    "calibrated": "single model + calibration",
     "ensemble": "ensemble of two",
     "codistill": "two-way codistillation",
 }
+CALIBRATORS = ("offset", "platt", "isotonic")
 
 
 @dataclass(frozen=True)
 class StudyConfig:
     out_dir: str = "runs/study"
-    repeats: int = ranged(3, ge=1)
+    # Independent runs per method (seed indices 0..N-1); churn averages all N(N-1)/2 pairs.
+    runs: int = ranged(6, ge=3, why="a jackknife over runs needs at least 3")
     methods: tuple[str, ...] = METHODS
     # Data: an ingested dir with train/ and valid/, or raw Criteo files to ingest, or (default) synthetic.
     data_dir: str = ""
@@ -62,67 +80,128 @@ class StudyConfig:
     synthetic_seed: int = ranged(0, ge=0, le=2**32 - 1)
     valid_fraction: float = ranged(0.2, gt=0.0, lt=1.0, why="the study evaluates on the held-out rows")
     split: Literal["time", "hash"] = "time"
-    seed: int = ranged(0, ge=0, le=2**32 - 1)
-    bootstrap: int = ranged(1000, ge=1, zero="no confidence intervals")
-    # Baseline trainings run this many at a time (each with 1 thread): uses both cores of a small box.
+    seed: int = ranged(0, ge=0, le=2**22)
+    # The first part of the hold-out (in its order) fits post-hoc calibrators; the rest is evaluated.
+    calibration_fraction: float = ranged(0.5, gt=0.0, lt=1.0, why="both calibration and evaluation rows")
+    # The calibrator of the "single model + calibration" row.
+    calibration: Literal["offset", "platt", "isotonic"] = "platt"
+    confidence: float = ranged(0.95, gt=0.5, lt=1.0)
+    # A run whose modified z-score of distance to the other runs' median exceeds this is flagged.
+    outlier_threshold: float = ranged(3.5, gt=0)
+    # Single-model trainings run this many at a time (each with 1 thread): uses both cores of a small box.
     parallel_runs: int = ranged(2, ge=1)
 
 
-@dataclass
-class Plan:
-    study: StudyConfig
-    base: RunConfig
-    root: Path
-    # Extra codistillation settings to compare, name -> --set overrides (from [study.variants]).
-    variants: dict[str, list[str]] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+@dataclass(frozen=True)
+class Cell:
+    """One study point: ``overrides`` (``section.key=value``) applied to every run of it."""
 
-
-def variant_tag(name: str) -> str:
-    """Directory-safe name of a variant's runs."""
-    return "codistill_" + "".join(ch if ch.isalnum() else "_" for ch in name)
+    name: str
+    overrides: tuple[str, ...] = ()
+    axis: str | None = None  # the sweep axis it varies (None: the base point or a variant)
+    value: Any = None
+    rows: tuple[str, ...] = METHODS
 
 
 @dataclass(frozen=True)
 class Method:
-    """A row of the study: a method of :data:`METHODS` and, for a codistillation variant of
-    ``[study.variants]``, the variant's name."""
+    """A row of the report: a method of :data:`METHODS` in a cell."""
 
     name: str
-    variant: str | None = None
+    cell: str = "base"
 
     @property
     def key(self) -> str:
-        """The row's key in ``study.json``: the method, or ``codistill[<variant>]``."""
-        return self.name if self.variant is None else f"{self.name}[{self.variant}]"
+        return self.name if self.cell == "base" else f"{self.name}[{self.cell}]"
 
     @property
     def label(self) -> str:
-        """The row's name in ``report.md`` and the plots."""
-        if self.variant is not None:
-            return f"codistillation ({self.variant})"
-        return METHOD_LABELS.get(self.name, self.name)
-
-    def run_name(self, repeat: int, index: int) -> str:
-        """Directory name of run ``index`` of ``repeat`` (rows that train runs: baseline, codistill)."""
-        if self.variant is not None:
-            return f"r{repeat}_{variant_tag(self.variant)}-{index}"
-        return f"r{repeat}_{self.name}{index}"
+        base = METHOD_LABELS.get(self.name, self.name)
+        return base if self.cell == "base" else f"{base} ({self.cell})"
 
 
-def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyConfig, RunConfig]:
-    study, base, _ = load_study_with_variants(path, overrides)
-    return study, base
+@dataclass
+class StudySpec:
+    study: StudyConfig
+    base: RunConfig
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    # axis name -> list of (value label, overrides)
+    sweep: dict[str, list[tuple[str, list[str]]]] = field(default_factory=dict)
+    # axis name -> its rows, where an axis names them (e.g. a setting codistillation does not support)
+    axis_methods: dict[str, list[str]] = field(default_factory=dict)
+    config_text: str = ""
 
 
-def load_study_with_variants(
-    path: str | Path, overrides: Sequence[str] = ()
-) -> tuple[StudyConfig, RunConfig, dict[str, list[str]]]:
-    """``[study]`` keys, the training config, and ``[study.variants]``: extra codistillation rows, each a
-    name and a list of ``section.key=value`` overrides (e.g. ``"K=10" = ["codistill.exchange_every=10"]``)."""
+# ---------------------------------------------------------------------------------------------------
+# configuration
+
+_REMOVED = {
+    "repeats": "study.runs (N independent runs per method; churn over all pairs)",
+    "bootstrap": "nothing: intervals are jackknifed over runs (study.confidence)",
+}
+
+
+def _sweep_axes(raw: Any, source: str) -> tuple[dict[str, list[tuple[str, list[str]]]], dict[str, list[str]]]:
+    """``[study.sweep.<axis>]`` tables: ``set`` templates with ``values`` (``"optim.dense_lr={}"``), or
+    ``points``, a table of point name -> list of overrides; optionally ``methods``, the rows of this axis
+    (default: the study's). Returns the axes and the axes' methods."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [study.sweep] must be a table of axes")
+    axes: dict[str, list[tuple[str, list[str]]]] = {}
+    methods: dict[str, list[str]] = {}
+    for axis, spec in raw.items():
+        where = f"{source}: [study.sweep.{axis}]"
+        if not isinstance(spec, dict) or set(spec) - {"set", "values", "points", "methods"}:
+            raise ConfigError(
+                f"{where}: expected keys set + values, or points, and methods (got {sorted(spec)})"
+            )
+        if "methods" in spec:
+            m = spec["methods"]
+            if not isinstance(m, list) or "baseline" not in m or set(m) - set(METHODS):
+                raise ConfigError(
+                    f"{where}: methods must be a subset of {list(METHODS)} with 'baseline' (got {m!r})"
+                )
+            methods[str(axis)] = [str(x) for x in m]
+        points: list[tuple[str, list[str]]] = []
+        if "points" in spec:
+            if not isinstance(spec["points"], dict) or not all(
+                isinstance(v, list) and all(isinstance(x, str) for x in v) for v in spec["points"].values()
+            ):
+                raise ConfigError(f'{where}: points must map names to lists of "section.key=value"')
+            points += [(str(k), list(v)) for k, v in spec["points"].items()]
+        if "values" in spec or "set" in spec:
+            templates, values = spec.get("set"), spec.get("values")
+            if isinstance(templates, str):
+                templates = [templates]
+            if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
+                raise ConfigError(f'{where}: set must be "section.key={{}}" templates (got {templates!r})')
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}: values must be a non-empty list (got {values!r})")
+            for v in values:
+                text = (
+                    json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+                )
+                points.append((f"{v}", [t.replace("{}", text) for t in templates]))
+        if not points:
+            raise ConfigError(f"{where}: no points")
+        names = [p for p, _ in points]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: duplicate points {names}")
+        axes[str(axis)] = points
+    return axes, methods
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:
+    """``[study]`` keys, the training config, ``[study.variants]`` (extra codistillation points, each a
+    name and a list of overrides) and ``[study.sweep]`` (the regime map's axes); every point's config is
+    validated now, not after an hour of training."""
     data = config_dict_from_sources(path, overrides)
     section = dict(data.pop("study", {}))
+    for old, new in _REMOVED.items():
+        if old in section:
+            raise ConfigError(f"{path}: study.{old} was removed in study v2; use {new}")
     variants = section.pop("variants", {})
+    sweep, axis_methods = _sweep_axes(section.pop("sweep", {}), str(path))
     if not isinstance(variants, dict) or not all(
         isinstance(v, list) and all(isinstance(x, str) for x in v) for v in variants.values()
     ):
@@ -131,19 +210,42 @@ def load_study_with_variants(
     unknown = [m for m in study.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"{path}: study.methods has {unknown}; expected a subset of {list(METHODS)}")
+    if "baseline" not in study.methods:
+        raise ConfigError(
+            f"{path}: study.methods must include 'baseline' (every comparison is paired with it)"
+        )
+    if "ensemble" in study.methods and study.runs < 5:
+        raise ConfigError(
+            f"{path}: study.runs = {study.runs}: the ensemble row needs at least 5 runs (two ensembles with no "
+            "shared member after deleting a run, for its jackknife); raise study.runs or drop 'ensemble'"
+        )
     check_ranges(study, str(path), "study.")
     base = from_dict(data, str(path))
-    tags = [variant_tag(str(n)) for n in variants]
-    if len(set(tags)) != len(tags):
-        raise ConfigError(
-            f"{path}: [study.variants] names {list(variants)} collide once made directory-safe ({tags})"
-        )
-    for name, sets in variants.items():  # fail now, not after an hour of baselines
-        try:
-            load_config(None, sets)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: study variant {name!r}: {e}") from e
-    return study, base, {str(k): list(v) for k, v in variants.items()}
+    spec = StudySpec(study, base, {str(k): list(v) for k, v in variants.items()}, sweep, axis_methods)
+    for cell in cells(spec):
+        for kind in ("baseline", "codistill") if "codistill" in cell.rows else ("baseline",):
+            try:
+                run_spec(study, base, Path(study.out_dir), cell, kind, 0)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: study point {cell.name!r} ({kind} runs): {e}") from e
+    return spec
+
+
+def cells(spec: StudySpec) -> list[Cell]:
+    """The base point, each variant (codistillation rows only: its overrides are codistillation settings),
+    then every sweep point (all rows, since an axis may change the single model too)."""
+    out = [Cell("base", rows=spec.study.methods)]
+    for name, sets in spec.variants.items():
+        out.append(Cell(name, tuple(sets), rows=("codistill",)))
+    for axis, points in spec.sweep.items():
+        for label, sets in points:
+            rows = tuple(m for m in spec.axis_methods.get(axis, spec.study.methods))
+            out.append(Cell(f"{axis}={label}", tuple(sets), axis=axis, value=label, rows=rows))
+    names = [c.name for c in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"study points named twice: {dup}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,45 +304,114 @@ def check_holdout(data: Path) -> dict[str, int]:
 # runs
 
 
-def run_config(plan: Plan, name: str, seed: int, num_groups: int, sets: Sequence[str] = ()) -> RunConfig:
-    d = apply_overrides(to_dict(plan.base), sets)
-    d["run_dir"] = str(plan.root / "runs" / name)
-    d["train"]["seed"] = seed
+@dataclass(frozen=True)
+class RunSpec:
+    cfg: RunConfig
+    kind: Literal["baseline", "codistill"]
+    index: int  # seed index
+
+
+def _canonical(d: dict[str, Any]) -> dict[str, Any]:
+    """What defines a run's model: everything but where it lives and how it reports."""
+    d = json.loads(json.dumps(d))
+    d.pop("run_dir", None)
+    for k in ("progress", "log_every", "eval_every"):
+        d["train"].pop(k, None)
+    d["checkpoint"].pop("keep_last", None)
+    return d
+
+
+def run_spec(study: StudyConfig, base: RunConfig, root: Path, cell: Cell, kind: str, index: int) -> RunSpec:
+    d = apply_overrides(to_dict(base), cell.overrides)
+    d["train"]["seed"] = study.seed * 1000 + index
     d["train"]["progress"] = False
-    d["codistill"]["num_groups"] = num_groups
     d["sharding"]["threads"] = d["sharding"]["threads"] or 1
     d["checkpoint"]["keep_last"] = 1  # a finished study run needs only its final model
-    return from_dict(d, f"<study run {name}>")
+    if kind == "baseline":
+        # a single model ignores codistillation settings: the same run serves every codistillation point
+        d["codistill"] = to_dict(CodistillConfig())
+    d["codistill"]["num_groups"] = 1 if kind == "baseline" else 2
+    key = hashlib.sha256(json.dumps(_canonical(d), sort_keys=True).encode()).hexdigest()[:12]
+    d["run_dir"] = str(root / "runs" / f"{kind}-{key}")
+    return RunSpec(from_dict(d, f"<study run {kind} {index} of {cell.name}>"), kind, index)  # type: ignore[arg-type]
 
 
 def is_done(cfg: RunConfig) -> bool:
     return all(RunDir(cfg.run_dir).result(g).is_file() for g in range(cfg.codistill.num_groups))
 
 
-def train_run(plan: Plan, cfg: RunConfig) -> None:
+class Progress:
+    """One line per run started / finished, with an ETA from the seconds per training step measured so far
+    (also from earlier invocations: ``timings.json`` in the study directory)."""
+
+    def __init__(self, root: Path, todo: Sequence[tuple[RunSpec, int]]) -> None:
+        self.path = root / "timings.json"
+        self.timings: dict[str, dict[str, float]] = (
+            json.loads(self.path.read_text()) if self.path.is_file() else {}
+        )
+        self.todo = {Path(r.cfg.run_dir).name: steps * r.cfg.codistill.num_groups for r, steps in todo}
+        self.done = 0
+        self.lock = threading.Lock()
+        self.t0 = time.perf_counter()
+
+    def rate(self) -> float | None:
+        """Seconds per (group x step), over every run timed in this study directory."""
+        s = sum(t["seconds"] for t in self.timings.values())
+        n = sum(t["group_steps"] for t in self.timings.values())
+        return s / n if n else None
+
+    def eta(self, parallel: int) -> str:
+        rate, left = self.rate(), sum(self.todo.values())
+        if rate is None:
+            return "estimated after the first run"
+        return f"about {_duration(rate * left / max(1, parallel))}"
+
+    def started(self, name: str) -> None:
+        print(f"[study] start  {name}", flush=True)
+
+    def finished(self, name: str, seconds: float, parallel: int) -> None:
+        with self.lock:
+            self.timings[name] = {"seconds": round(seconds, 1), "group_steps": self.todo.pop(name)}
+            self.done += 1
+            self.path.write_text(json.dumps(self.timings, indent=1))
+            print(
+                f"[study] finish {name} in {_duration(seconds)}; {len(self.todo)} left, {self.eta(parallel)}",
+                flush=True,
+            )
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def train_run(r: RunSpec, progress: Progress, parallel: int) -> None:
     from recsys_codistill.train.launch import launch
 
-    if is_done(cfg):
-        return
+    name = Path(r.cfg.run_dir).name
+    progress.started(name)
     t0 = time.perf_counter()
-    code = launch(cfg, quiet=True)
+    code = launch(r.cfg, quiet=True)
     if code:
-        raise RuntimeError(f"training {cfg.run_dir} failed (exit {code}); see its group*/launcher.log")
-    plan.timings[Path(cfg.run_dir).name] = round(time.perf_counter() - t0, 1)
+        raise RuntimeError(f"training {r.cfg.run_dir} failed (exit {code}); see its group*/launcher.log")
+    progress.finished(name, time.perf_counter() - t0, parallel)
 
 
-def predictions(cfg: RunConfig, valid: Path) -> dict[str, np.ndarray]:
-    """Copy 0's predictions on the hold-out (cached next to the run)."""
+def run_predictions(cfg: RunConfig, valid: Path, group: int) -> dict[str, np.ndarray]:
+    """One copy's logits on the hold-out (cached next to the run)."""
     from recsys_codistill.eval.predictions import write_predictions
     from recsys_codistill.train.predict import load_run, predict_logits
 
-    out = Path(cfg.run_dir) / "valid_predictions.parquet"
+    out = Path(cfg.run_dir) / f"valid_predictions_g{group}.parquet"
     if not out.is_file():
-        run_cfg, model, _ = load_run(cfg.run_dir, 0)
+        run_cfg, model, _ = load_run(cfg.run_dir, group)
         p = predict_logits(model, run_cfg, valid)
         write_predictions(out, p["row_id"], p["label"], p["logit"])
-    t = pq.read_table(out)
-    return {c: t[c].to_numpy() for c in ("row_id", "label", "probability")}
+    t = pq.read_table(out, columns=["row_id", "label", "logit"])
+    return {c: t[c].to_numpy() for c in ("row_id", "label", "logit")}
+
+
+def run_result(cfg: RunConfig, group: int = 0) -> dict[str, Any]:
+    return json.loads(RunDir(cfg.run_dir).result(group).read_text())
 
 
 def learning_curve(cfg: RunConfig, group: int = 0) -> list[tuple[int, float]]:
@@ -257,86 +428,193 @@ def learning_curve(cfg: RunConfig, group: int = 0) -> list[tuple[int, float]]:
 # measuring
 
 
-def measure_pair(
-    a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: float, study: StudyConfig, rep: int
-) -> dict[str, Any]:
-    from recsys_codistill.eval.churn import align, churn_report
+@dataclass
+class Split:
+    """The hold-out cut in its own order: calibration rows first, evaluation rows after."""
 
-    al = align(a["row_id"], a["probability"], b["row_id"], b["probability"])
-    report = churn_report(
-        al.p_a, al.p_b, threshold=threshold, bootstrap=study.bootstrap, seed=study.seed * 1000 + rep
-    )
-    y = a["label"].astype(np.float64)
-    return {
-        "quality_a": summary(y, a["probability"]),
-        "quality_b": summary(y, b["probability"]),
-        "churn": report,
-    }
+    n_cal: int
+    y_cal: np.ndarray
+    y_eval: np.ndarray
+    row_id: np.ndarray
 
 
-def ensemble(*members: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The ensemble row's predictions: members' probabilities averaged (:func:`ensemble_probabilities`)."""
-    for m in members[1:]:
-        if not np.array_equal(m["row_id"], members[0]["row_id"]):
-            raise ValueError("ensemble members predicted different rows")
-    return {
-        "row_id": members[0]["row_id"],
-        "label": members[0]["label"],
-        "probability": ensemble_probabilities([m["probability"] for m in members]),
-    }
+def make_split(labels: np.ndarray, row_id: np.ndarray, fraction: float) -> Split:
+    n_cal = int(round(fraction * labels.size))
+    if n_cal < 2 or labels.size - n_cal < 2:
+        raise ValueError(f"hold-out of {labels.size} rows is too small for calibration_fraction {fraction}")
+    y = labels.astype(np.float64)
+    return Split(n_cal, y[:n_cal], y[n_cal:], row_id)
 
 
-def summarise(values: Sequence[float]) -> dict[str, float]:
+def _log_loss_rows(y: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, 1e-15, 1 - 1e-15)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+
+
+def _estimate_dict(e: retrains.Estimate) -> dict[str, Any]:
+    return e.to_dict()
+
+
+def _run_means(values: np.ndarray, confidence: float) -> dict[str, Any]:
+    """A per-run quantity (runs independent): mean with a jackknife (= t) interval over runs."""
     v = np.asarray(values, dtype=np.float64)
-    return {
-        "mean": float(v.mean()),
-        "half_range": float((v.max() - v.min()) / 2),
-        "median": float(np.median(v)),
-        "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-        "n": int(v.size),
-    }
+    return _estimate_dict(retrains.jackknife(lambda idx: float(v[idx].mean()), v.size, confidence))
 
 
-def paired_vs_baseline(
-    per_repeat: dict[str, list[dict[str, Any]]], seed: int, resamples: int = 10_000
-) -> dict[str, dict[str, Any]]:
-    """Per repeat, churn(method) − churn(single model): the two share seeds and hold-out rows, so the
-    difference removes much of the repeat-to-repeat noise. Mean with a bootstrap 95% CI over repeats
-    (retrain-to-retrain uncertainty, unlike the row-bootstrap CIs of a single repeat) and a sign count."""
-    if "baseline" not in per_repeat:
-        return {}
-    base = np.array([x["churn"]["mean_abs_diff"]["value"] for x in per_repeat["baseline"]])
-    rng = np.random.default_rng(seed)
-    out = {}
-    for m, reps in per_repeat.items():
-        if m == "baseline":
-            continue
-        d = np.array([x["churn"]["mean_abs_diff"]["value"] for x in reps]) - base
-        rel = d / base
-        idx = rng.integers(0, d.size, size=(resamples, d.size))
-        boot = d[idx].mean(axis=1)
-        boot_rel = rel[idx].mean(axis=1)
-        out[m] = {
-            "mean_diff": float(d.mean()),
-            "ci_low": float(np.percentile(boot, 2.5)),
-            "ci_high": float(np.percentile(boot, 97.5)),
-            "mean_relative": float(rel.mean()),
-            "relative_ci_low": float(np.percentile(boot_rel, 2.5)),
-            "relative_ci_high": float(np.percentile(boot_rel, 97.5)),
-            "repeats_lower": int((d < 0).sum()),
-            "repeats": int(d.size),
+class CellMeasure:
+    """Every statistic of one cell from its runs' hold-out logits (``(N, rows)`` arrays)."""
+
+    def __init__(self, study: StudyConfig, split: Split, logits: dict[str, np.ndarray]) -> None:
+        self.study, self.split, self.conf = study, split, study.confidence
+        self.Z = logits  # "baseline", "codistill", "codistill_g1" (whichever trained)
+        self.cal = split.n_cal
+        self._stats: dict[tuple[str, str | None], dict[str, Callable[[np.ndarray], float]]] = {}
+
+    # -- predictions of each row, on the evaluation rows --------------------------------------------------
+    def _eval(self, Z: np.ndarray) -> np.ndarray:
+        return sigmoid(Z[:, self.cal :])
+
+    def _calibrated(self, Z: np.ndarray, kind: str) -> np.ndarray:
+        P, _ = retrains.calibrated(Z[:, self.cal :], Z[:, : self.cal], self.split.y_cal, kind)
+        return P
+
+    def probabilities(self, row: str, calibration: str | None = None) -> np.ndarray | None:
+        """(N, n_eval) probabilities of a row's N models; for the ensemble, its members (it is formed by the
+        ensemble statistics); None when its runs were not trained."""
+        if row == "codistill_mean":
+            if "codistill_g1" not in self.Z:
+                return None
+            # the run's two copies averaged: what serving both copies of one codistillation run gives
+            Z = logit((sigmoid(self.Z["codistill"]) + sigmoid(self.Z["codistill_g1"])) / 2)
+        else:
+            source = {"calibrated": "baseline", "ensemble": "baseline"}.get(row, row)
+            if source not in self.Z:
+                return None
+            Z = self.Z[source]
+        if row == "calibrated" and calibration is None:
+            calibration = self.study.calibration
+        if calibration == "rank":  # the decomposition's reference, not a calibrator: see rank_matched
+            base = self._calibrated(Z, self.study.calibration) if row == "calibrated" else self._eval(Z)
+            if row != "ensemble":
+                return retrains.rank_matched(base)
+            return base  # ensembles: rank-matched after averaging, in _make_stats
+        return self._calibrated(Z, calibration) if calibration else self._eval(Z)
+
+    # -- run-indexed statistics: stat(idx) over the kept runs, for the jackknife ---------------------------
+    def stats(self, row: str, calibration: str | None = None) -> dict[str, Callable[[np.ndarray], float]]:
+        key = (row, calibration)
+        if key not in self._stats:
+            self._stats[key] = self._make_stats(row, calibration)
+        return self._stats[key]
+
+    def _make_stats(self, row: str, calibration: str | None) -> dict[str, Callable[[np.ndarray], float]]:
+        P = self.probabilities(row, calibration)
+        assert P is not None
+        y = self.split.y_eval
+        if row == "ensemble":
+            pairs, M = retrains.ensemble_churn_matrix(P)
+            if calibration == "rank":  # rank-match the served (averaged) predictions, not the members
+                E = retrains.rank_matched(np.stack([(P[i] + P[j]) / 2 for i, j in pairs]))
+                shared = np.isnan(M)
+                M = retrains.pairwise_churn(E)
+                M[shared] = np.nan
+            ll = np.array([_log_loss_rows(y, (P[i] + P[j]) / 2) for i, j in pairs])
+            auc = np.array([roc_auc(y, (P[i] + P[j]) / 2) for i, j in pairs])
+            return {
+                "churn": lambda idx: retrains.mean_over_disjoint_ensembles(M, pairs, idx),
+                "log_loss": lambda idx: retrains.ensemble_mean_over_runs(ll, pairs, idx),
+                "auc": lambda idx: retrains.ensemble_mean_over_runs(auc, pairs, idx),
+            }
+        M = retrains.pairwise_churn(P)
+        ll = np.array([_log_loss_rows(y, p) for p in P])
+        auc = np.array([roc_auc(y, p) for p in P])
+        return {
+            "churn": lambda idx: retrains.mean_over_pairs(M, idx),
+            "log_loss": lambda idx: float(ll[idx].mean()),
+            "auc": lambda idx: float(auc[idx].mean()),
         }
-    return out
+
+    def row(self, row: str, base: CellMeasure | None = None) -> dict[str, Any]:
+        """A row's churn and quality with intervals, its churn after each recalibration, and its paired
+        differences to the single model of ``base`` (default: this cell's)."""
+        n = next(iter(self.Z.values())).shape[0]
+        min_runs = 4 if row == "ensemble" else 2
+        st = self.stats(row)
+        out: dict[str, Any] = {
+            k: _estimate_dict(retrains.jackknife(f, n, self.conf, min_runs=min_runs)) for k, f in st.items()
+        }
+        out["after_calibration"] = {
+            kind: _estimate_dict(retrains.jackknife(self.stats(row, kind)["churn"], n, self.conf, min_runs))
+            for kind in CALIBRATORS
+        }
+        raw = out["churn"]["value"]
+        out["decomposition"] = retrains.decompose(
+            raw, out["after_calibration"]["offset"]["value"], out["after_calibration"]["isotonic"]["value"]
+        )
+        ref = base or self
+        b = ref.stats("baseline")
+        out["vs_baseline"] = {
+            "churn_relative": _estimate_dict(
+                retrains.paired_difference(st["churn"], b["churn"], n, relative=True, confidence=self.conf)
+            ),
+            "churn": _estimate_dict(
+                retrains.paired_difference(st["churn"], b["churn"], n, confidence=self.conf)
+            ),
+            "log_loss": _estimate_dict(
+                retrains.paired_difference(st["log_loss"], b["log_loss"], n, confidence=self.conf)
+            ),
+        }
+        return out
+
+    def per_run(self, row: str) -> list[dict[str, Any]]:
+        """Each run's log loss and its distance to the consensus of the others (outlier retrains)."""
+        P = self.probabilities(row)
+        assert P is not None
+        d = retrains.consensus_distance(P)
+        z = retrains.robust_z(d)
+        flags = retrains.flag_outliers(d, self.study.outlier_threshold)
+        y = self.split.y_eval
+        return [
+            {
+                "index": i,
+                "seed": self.study.seed * 1000 + i,
+                "log_loss": _log_loss_rows(y, P[i]),
+                "consensus_distance": float(d[i]),
+                "robust_z": float(z[i]),
+                "outlier": bool(flags[i]),
+            }
+            for i in range(P.shape[0])
+        ]
 
 
-def bayes_reference(root: Path, holdout: dict[str, np.ndarray]) -> dict[str, float] | None:
-    """Bayes-optimal metrics on the hold-out rows (``holdout``: row_id and label of any model's
-    predictions) when the data is synthetic and truth.parquet is known."""
-    truth = root / "raw" / "truth.parquet"
-    if not truth.is_file():
-        return None
-    prob = pq.read_table(truth, columns=["probability"])["probability"].to_numpy()[holdout["row_id"]]
-    return summary(holdout["label"].astype(np.float64), prob)
+def measure_cell(
+    spec: StudySpec, cell: Cell, split: Split, logits: dict[str, np.ndarray], base: CellMeasure | None
+) -> tuple[CellMeasure, dict[str, Any]]:
+    m = CellMeasure(spec.study, split, logits)
+    rows: dict[str, Any] = {}
+    for row in cell.rows:
+        if row == "codistill":
+            # copy 0 (paired with single model i by seed), copy 1, and both copies averaged
+            for name in ("codistill", "codistill_g1", "codistill_mean"):
+                rows[name] = m.row(name)
+            P0, P1 = (
+                sigmoid(logits["codistill"][:, split.n_cal :]),
+                sigmoid(logits["codistill_g1"][:, split.n_cal :]),
+            )
+            rows["codistill"]["within_run"] = _estimate_dict(
+                retrains.within_run_churn(P0, P1, spec.study.confidence)
+            )
+        else:
+            rows[row] = m.row(row)
+    out = {"rows": rows, "per_run": {r: m.per_run(r) for r in ("baseline", "codistill") if r in logits}}
+    if cell.axis is not None and base is not None:
+        # the same rows against the base point's single model (is this point better than not changing it?)
+        out["vs_base_point"] = {
+            row: m.row(row, base)["vs_baseline"]
+            for row in rows
+            if row not in ("codistill_g1", "codistill_mean")
+        }
+    return m, out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,119 +622,173 @@ def bayes_reference(root: Path, holdout: dict[str, np.ndarray]) -> dict[str, flo
 
 
 def run_study(config: str | Path, overrides: Sequence[str] = ()) -> Path:
-    study, base, variants = load_study_with_variants(config, overrides)
-    text = Path(config).read_text() + "".join(f"\n# --set {o}" for o in overrides)
-    return run(study, base, config_text=text, variants=variants)
+    spec = load_spec(config, overrides)
+    spec.config_text = Path(config).read_text() + "".join(f"\n# --set {o}" for o in overrides)
+    return run(spec)
 
 
-def run(
-    study: StudyConfig, base: RunConfig, config_text: str = "", variants: dict[str, list[str]] | None = None
-) -> Path:
+def run_demo(out: str | Path, overrides: Sequence[str] = ()) -> Path:
+    """``make demo``: the study on the embedded synthetic generator, sized for 2 CPU cores."""
+    cfg_path = Path(__file__).resolve().parents[2] / "configs" / "study_demo.toml"
+    return run_study(cfg_path, [f'study.out_dir="{out}"', *overrides])
+
+
+def plan_runs(spec: StudySpec, root: Path) -> dict[str, dict[tuple[str, int], RunSpec]]:
+    """Per cell, its runs keyed by (kind, seed index)."""
+    out: dict[str, dict[tuple[str, int], RunSpec]] = {}
+    for cell in cells(spec):
+        # every point pairs its rows with its own single models (shared with the base point, by content
+        # address, when its overrides only change codistillation settings)
+        kinds = ["baseline"] + (["codistill"] if "codistill" in cell.rows else [])
+        out[cell.name] = {
+            (k, i): run_spec(spec.study, spec.base, root, cell, k, i)
+            for k in kinds
+            for i in range(spec.study.runs)
+        }
+    return out
+
+
+def run(spec: StudySpec) -> Path:
+    from recsys_codistill.train.launch import check_burn_in
+
+    study = spec.study
     root = Path(study.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     data = prepare_data(study, root)
     holdout = check_holdout(data)
-    base = from_dict(
-        {
-            **to_dict(base),
-            "data": {
-                **to_dict(base)["data"],
-                "train_dir": str(data / "train"),
-                "valid_dir": str(data / "valid"),
-            },
-        }
-    )
-    plan = Plan(study, base, root, variants=dict(variants or {}))
+    d = to_dict(spec.base)
+    d["data"] = {**d["data"], "train_dir": str(data / "train"), "valid_dir": str(data / "valid")}
+    spec.base = from_dict(d)
     valid = data / "valid"
 
-    # Every run of every repeat, baselines several at a time (each uses one core).
-    n_base = 4 if "ensemble" in study.methods else 2
-    baseline = Method("baseline")  # its runs also make the ensemble row and set the flip threshold
-    baselines = {
-        (r, i): run_config(plan, baseline.run_name(r, i), study.seed * 100 + 10 * r + i, 1)
-        for r in range(study.repeats)
-        for i in range(n_base)
-    }
-    # codistillation rows: the configured one, then each variant; (row, repeat, run) -> config
-    rows = [Method("codistill")] if "codistill" in study.methods else []
-    rows += [Method("codistill", v) for v in plan.variants]
-    codistills: dict[tuple[Method, int, int], RunConfig] = {}
-    for row in rows:
-        sets = plan.variants[row.variant] if row.variant is not None else []
-        for r in range(study.repeats):
-            for i in range(2):
-                seed = study.seed * 100 + 10 * r + i
-                codistills[(row, r, i)] = run_config(plan, row.run_name(r, i), seed, 2, sets)
+    # plan: every run of every point, checked before anything trains (a burn-in >= steps is refused here)
+    plan = plan_runs(spec, root)
+    unique: dict[str, RunSpec] = {}
+    steps: dict[str, int] = {}
+    for cell_name, runs in plan.items():
+        for r in runs.values():
+            name = Path(r.cfg.run_dir).name
+            if name not in unique:
+                try:
+                    steps[name] = check_burn_in(r.cfg)
+                except ConfigError as e:
+                    raise ConfigError(f"study point {cell_name!r}: {e}") from e
+                unique[name] = r
+    todo = [(r, steps[n]) for n, r in unique.items() if not is_done(r.cfg)]
+    progress = Progress(root, todo)
+    n_base = sum(1 for r, _ in todo if r.kind == "baseline")
+    print(
+        f"[study] {len(plan)} point(s), {study.runs} runs per method: {len(unique)} trainings "
+        f"({len(unique) - len(todo)} already finished; to train: {n_base} single models, "
+        f"{len(todo) - n_base} codistillation runs of 2 groups; {sum(s for _, s in todo)} run-steps); "
+        f"time {progress.eta(1)}",
+        flush=True,
+    )
+    singles = [r for r, _ in todo if r.kind == "baseline"]
     with ThreadPoolExecutor(max_workers=max(1, study.parallel_runs)) as pool:
-        list(pool.map(lambda c: train_run(plan, c), baselines.values()))
-    for c in codistills.values():  # two groups = two processes already
-        train_run(plan, c)
+        list(pool.map(lambda r: train_run(r, progress, study.parallel_runs), singles))
+    for r, _ in todo:
+        if r.kind == "codistill":  # two groups = two processes already
+            train_run(r, progress, 1)
 
-    # Measure: churn between the two runs of each method, per repeat.
-    methods = list(dict.fromkeys([Method(m) for m in study.methods if m != "codistill"] + rows))
-    per_method: dict[Method, list[dict[str, Any]]] = {m: [] for m in methods}
-    for r in range(study.repeats):
-        b = [predictions(baselines[(r, i)], valid) for i in range(n_base)]
-        threshold = base.eval.threshold or float(np.mean(b[0]["label"]))
-        for m in methods:
-            if m.name == "baseline":
-                pair = b[0], b[1]
-            elif m.name == "ensemble":
-                pair = ensemble(b[0], b[2]), ensemble(b[1], b[3])
-            else:
-                pair = tuple(predictions(codistills[(m, r, i)], valid) for i in range(2))
-            per_method[m].append(measure_pair(*pair, threshold, study, r))
-    per_repeat = {m.key: reps for m, reps in per_method.items()}
+    # measure: every run's logits on the hold-out, the same rows in the same order
+    first = next(iter(plan["base"].values()))
+    ref = run_predictions(first.cfg, valid, 0)
+    split = make_split(ref["label"], ref["row_id"], study.calibration_fraction)
 
-    table = {}
-    for m, reps in per_repeat.items():
-        table[m] = {
-            "log_loss": summarise(
-                [q for x in reps for q in (x["quality_a"]["log_loss"], x["quality_b"]["log_loss"])]
-            ),
-            "auc": summarise([q for x in reps for q in (x["quality_a"]["auc"], x["quality_b"]["auc"])]),
-            "ne": summarise([q for x in reps for q in (x["quality_a"]["ne"], x["quality_b"]["ne"])]),
-            "churn": summarise([x["churn"]["mean_abs_diff"]["value"] for x in reps]),
-            "symmetric_pd": summarise([x["churn"]["symmetric_pd"]["value"] for x in reps]),
-            "flip_rate": summarise([x["churn"]["flip_rate"]["value"] for x in reps]),
-        }
-    curves = {
-        "baseline": learning_curve(baselines[(0, 0)]),
-        **(
-            {
-                "codistill group0": learning_curve(codistills[(rows[0], 0, 0)], 0),
-                "codistill group1": learning_curve(codistills[(rows[0], 0, 0)], 1),
+    def logits_of(runs: dict[tuple[str, int], RunSpec]) -> dict[str, np.ndarray]:
+        out: dict[str, list[np.ndarray]] = {}
+        for (kind, _), r in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            for g in range(r.cfg.codistill.num_groups):
+                p = run_predictions(r.cfg, valid, g)
+                if not np.array_equal(p["row_id"], ref["row_id"]):
+                    raise RuntimeError(
+                        f"{r.cfg.run_dir} predicted other hold-out rows than {first.cfg.run_dir}"
+                    )
+                out.setdefault(kind if g == 0 else f"{kind}_g{g}", []).append(p["logit"])
+        return {k: np.stack(v) for k, v in out.items()}
+
+    all_cells = cells(spec)
+    base_measure, base_result = measure_cell(spec, all_cells[0], split, logits_of(plan["base"]), None)
+    results = {"base": base_result}
+    for cell in all_cells[1:]:
+        _, results[cell.name] = measure_cell(spec, cell, split, logits_of(plan[cell.name]), base_measure)
+
+    # what each point's codistillation runs did: steps, burn-in, K, teacher versions loaded
+    codistill_info = {}
+    for cell in all_cells:
+        runs = [r for (k, _), r in plan[cell.name].items() if k == "codistill"]
+        if runs:
+            c = runs[0].cfg.codistill
+            res = [run_result(r.cfg, g) for r in runs for g in range(2)]
+            codistill_info[cell.name] = {
+                "steps": steps[Path(runs[0].cfg.run_dir).name],
+                "burn_in_steps": c.burn_in_steps,
+                "exchange_every": c.exchange_every,
+                "distill_weight": c.distill_weight,
+                "loss": c.loss,
+                "data": c.data,
+                "teacher_versions_loaded": [x.get("teacher_versions_loaded") for x in res],
+                "mean_staleness": [x.get("mean_staleness") for x in res],
+                "never_loaded_a_teacher": any(not x.get("teacher_versions_loaded") for x in res),
             }
-            if rows
-            else {}
-        ),
-    }
-    # what each codistillation row used, for the churn-vs-staleness plot and the report
-    settings = {
-        row.key: {
-            k: getattr(codistills[(row, 0, 0)].codistill, k)
-            for k in ("exchange_every", "burn_in_steps", "distill_weight", "loss", "data")
-        }
-        for row in rows
-    }
+    base_runs = plan["base"]
+    curves = {"single model (run 0)": learning_curve(base_runs[("baseline", 0)].cfg)}
+    if ("codistill", 0) in base_runs:
+        for g in (0, 1):
+            curves[f"codistillation run 0, copy {g}"] = learning_curve(base_runs[("codistill", 0)].cfg, g)
     result = {
         "study": to_dict(study),
-        "base_config": to_dict(base),
-        "holdout": holdout,
-        "bayes_optimal": bayes_reference(root, predictions(baselines[(0, 0)], valid)),
-        "table": table,
-        "per_repeat": per_repeat,
-        "paired_vs_baseline": paired_vs_baseline(per_repeat, study.seed),
+        "base_config": to_dict(spec.base),
+        "holdout": {**holdout, "calibration_rows": split.n_cal, "evaluation_rows": int(split.y_eval.size)},
+        "bayes_optimal": bayes_reference(root, ref["row_id"][split.n_cal :], split.y_eval),
+        "cells": {
+            c.name: {"overrides": list(c.overrides), "axis": c.axis, "value": c.value} for c in all_cells
+        },
+        "results": results,
+        "codistill": codistill_info,
+        "trainings": {c.name: _trainings(plan[c.name]) for c in all_cells},
         "curves": curves,
-        "codistill_settings": settings,
-        "timings_s": {**plan.timings, "total": round(time.perf_counter() - t_start, 1)},
+        "timings": {"total_s": round(time.perf_counter() - t_start, 1), "runs": progress.timings},
         "versions": versions(),
     }
-    (root / "study.json").write_text(json.dumps(result, indent=1))
-    from recsys_codistill.study.report import write_report
+    (root / "study.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    from recsys_codistill.study.report import write_regime, write_report
 
-    return write_report(root, result, methods=methods, base_toml=to_toml(base), config_text=config_text)
+    report = write_report(root, result, base_toml=to_toml(spec.base), config_text=spec.config_text)
+    if spec.sweep:
+        write_regime(root, result)
+    return report
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.bool_):
+        return bool(x)
+    raise TypeError(type(x))
+
+
+def _trainings(runs: dict[tuple[str, int], RunSpec]) -> dict[str, int]:
+    """Trainings (model copies trained) behind each row of a point."""
+    n_b = sum(1 for k, _ in runs if k == "baseline")
+    n_c = sum(1 for k, _ in runs if k == "codistill")
+    return {
+        "baseline": n_b,
+        "calibrated": n_b,
+        "ensemble": n_b,  # every ensemble is two of the same single models: 2 trainings per served model
+        "codistill": 2 * n_c,
+    }
+
+
+def bayes_reference(root: Path, row_id: np.ndarray, labels: np.ndarray) -> dict[str, float] | None:
+    """Bayes-optimal log loss / AUC on the evaluation rows when the data is synthetic (truth.parquet)."""
+    truth = root / "raw" / "truth.parquet"
+    if not truth.is_file():
+        return None
+    prob = pq.read_table(truth, columns=["probability"])["probability"].to_numpy()[row_id]
+    return {"log_loss": _log_loss_rows(labels, prob), "auc": roc_auc(labels, prob)}
 
 
 def versions() -> dict[str, str]:
@@ -471,12 +803,3 @@ def versions() -> dict[str, str]:
         "pyarrow": pyarrow.__version__,
         "machine": platform.machine(),
     }
-
-
-def run_demo(out: str | Path, overrides: Sequence[str] = ()) -> Path:
-    """``make demo``: the study on the embedded synthetic generator, sized for 2 CPU cores."""
-    cfg_path = Path(__file__).resolve().parents[2] / "configs" / "study_demo.toml"
-    overrides = [f'study.out_dir="{out}"', *overrides]
-    study, base, variants = load_study_with_variants(cfg_path, overrides)
-    text = cfg_path.read_text() + "".join(f"\n# --set {o}" for o in overrides)
-    return run(study, base, config_text=text, variants=variants)

@@ -36,6 +36,40 @@ from recsys_codistill.run_dir import RunDir, RunDirBusy
 from recsys_codistill.train.inputs import prepare_vocab
 
 
+def training_steps(cfg: RunConfig) -> tuple[int, int]:
+    """(steps the run trains, batches its data holds per group). Reads the manifest and Parquet footers only
+    (cheap) and sizes every (group, rank) worker's share: a missing data set, a bad file or too few row
+    groups for num_groups x ranks fails here, named."""
+    from data_pipeline.loader import CriteoStream
+
+    stream = CriteoStream(
+        cfg.data.train_dir,
+        batch_size=cfg.data.batch_size // (cfg.sharding.nproc * cfg.sharding.nnodes),
+        table_sizes=cfg.model.resolved_table_sizes(),
+        num_groups=cfg.codistill.num_groups,
+        world_size=cfg.sharding.nproc * cfg.sharding.nnodes,
+        shared=cfg.codistill.data == "shared" or cfg.codistill.num_groups == 1,
+        epochs=cfg.data.epochs,
+    )
+    batches = stream.num_batches()
+    return min(batches, cfg.train.max_steps or batches), batches
+
+
+def check_burn_in(cfg: RunConfig) -> int:
+    """The run's step count; refuses a codistillation run whose burn-in covers every step, naming both."""
+    steps, batches = training_steps(cfg)
+    c = cfg.codistill
+    if c.num_groups > 1 and c.distill_weight > 0 and c.burn_in_steps >= steps:
+        # Every step would be burn-in: a "codistillation" run that is a plain baseline in disguise.
+        raise ConfigError(
+            f"codistill.burn_in_steps = {c.burn_in_steps} >= the run's {steps} training steps "
+            f"({batches} batches of data.batch_size {cfg.data.batch_size} over data.epochs "
+            f"{cfg.data.epochs}, train.max_steps {cfg.train.max_steps}): codistillation would never start; "
+            "lower the burn-in or train longer"
+        )
+    return steps
+
+
 def preflight(cfg: RunConfig) -> None:
     """Checks that would otherwise fail late, once per rank, inside torchrun."""
     from data_pipeline.loader import CriteoStream
@@ -54,28 +88,7 @@ def preflight(cfg: RunConfig) -> None:
         raise ConfigError("sharding.backend = 'nccl' needs CUDA; use gloo (or auto) on CPU")
     if cfg.codistill.num_groups > 1:
         check_exchange_dir(cfg)
-    world = cfg.sharding.nproc * cfg.sharding.nnodes
-    # Reads the manifest and Parquet footers only (cheap), and sizes every (group, rank) worker's share: a
-    # missing data set, a bad file or too few row groups for num_groups x ranks fails here, named.
-    stream = CriteoStream(
-        cfg.data.train_dir,
-        batch_size=cfg.data.batch_size // world,
-        table_sizes=cfg.model.resolved_table_sizes(),
-        num_groups=cfg.codistill.num_groups,
-        world_size=world,
-        shared=cfg.codistill.data == "shared" or cfg.codistill.num_groups == 1,
-        epochs=cfg.data.epochs,
-    )
-    c = cfg.codistill
-    steps = min(stream.num_batches(), cfg.train.max_steps or stream.num_batches())
-    if c.num_groups > 1 and c.distill_weight > 0 and c.burn_in_steps >= steps:
-        # Every step would be burn-in: a "codistillation" run that is a plain baseline in disguise.
-        raise ConfigError(
-            f"codistill.burn_in_steps = {c.burn_in_steps} >= the run's {steps} training steps "
-            f"({stream.num_batches()} batches of data.batch_size {cfg.data.batch_size} over data.epochs "
-            f"{cfg.data.epochs}, train.max_steps {cfg.train.max_steps}): codistillation would never start; "
-            "lower the burn-in or train longer"
-        )
+    check_burn_in(cfg)
     if cfg.data.valid_dir:
         CriteoStream(
             cfg.data.valid_dir,
