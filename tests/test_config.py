@@ -86,7 +86,7 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
     for p in sorted(root.glob("*.toml")):
-        if p.name.startswith("study"):
+        if p.name.startswith(("study", "regime")):
             continue
         load_config(p)
 
@@ -160,10 +160,14 @@ BAD_VALUES: dict[str, list] = {
     "optim.eps": [0, -1e-8, 2.0, INF, NAN],
     "optim.weight_decay": [-0.1, INF, NAN],
     "optim.warmup_steps": [-1],
+    "optim.lr_floor": [-0.1, 1.5, INF, NAN],
     "train.seed": [-1, 2**32],
     "train.max_steps": [-5, -1],
     "train.log_every": [0, -1],
     "train.eval_every": [-1],
+    "train.average_fraction": [0, -0.5, 1.5, NAN],
+    "train.average_every": [0, -1],
+    "train.ema_decay": [0, 1, 1.5, NAN],
     "codistill.num_groups": [0, -1],
     "codistill.burn_in_steps": [-1],
     "codistill.exchange_every": [0, -50],
@@ -191,6 +195,9 @@ GOOD_VALUES: list[tuple[str, object]] = [
     ("sharding.rdzv_port", 65535),
     ("sharding.threads", 0),
     ("optim.weight_decay", 0.0),
+    ("optim.lr_floor", 0.0),
+    ("optim.lr_floor", 1.0),
+    ("train.average_fraction", 1.0),
     ("optim.sparse_lr", 0.0),
     ("optim.dense_lr", 0.0),
     ("optim.eps", 1.0),
@@ -296,10 +303,11 @@ def test_cross_field_ranges(overrides, match):
 
 
 def test_shipped_study_configs_load_their_run_configs():
-    from recsys_codistill.study.study import load_study_with_variants
+    from recsys_codistill.study.study import cells, load_spec
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    studies = sorted(root.glob("study*.toml"))
-    assert studies
+    studies = sorted([*root.glob("study*.toml"), *root.glob("regime*.toml")])
+    assert len(studies) >= 4
     for p in studies:
-        load_study_with_variants(p)  # validates the embedded run config with from_dict
+        spec = load_spec(p)  # validates every point's single-model and codistillation run configs
+        assert cells(spec)[0].name == "base"

@@ -91,7 +91,13 @@ def test_tiny_study_writes_every_artefact_and_resumes(tmp_path, capsys):
     info = result["codistill"]["base"]
     assert info["steps"] == 17 and info["burn_in_steps"] == 4 and not info["never_loaded_a_teacher"]
     assert all(v >= 3 for v in info["teacher_versions_loaded"])
-    assert result["trainings"]["base"] == {"baseline": 5, "calibrated": 5, "ensemble": 5, "codistill": 10}
+    # (per served model, in all)
+    assert result["trainings"]["base"] == {
+        "baseline": [1, 5],
+        "calibrated": [1, 5],
+        "ensemble": [2, 5],
+        "codistill": [2, 10],
+    }
     assert len(result["results"]["base"]["per_run"]["baseline"]) == 5
     # resumable: a second invocation trains nothing and measures the same
     run_study(cfg)
@@ -159,7 +165,13 @@ def test_study_config_errors(tmp_path):
     for text, message in (
         ('[study]\nmethods = ["baseline", "bagging"]\n', "bagging"),
         ('[study]\nmethods = ["codistill"]\n', "must include 'baseline'"),
-        ("[study]\nruns = 4\n", "ensemble row needs at least 5 runs"),
+        ("[study]\nruns = 4\n", r"ensemble row \(point 'base'\) needs at least 5 runs"),
+        (
+            '[study]\nruns = 3\nmethods = ["baseline"]\n[study.sweep.e]\nmethods = ["baseline", "ensemble"]\n'
+            'set = "optim.dense_lr={}"\nvalues = [0.1]\n',
+            r"point 'e=0.1'\) needs at least 5 runs",
+        ),
+        ('[study.variants]\nlr = ["optim.dense_lr=0.1"]\n', "variants change codistillation settings only"),
         ("[study]\nruns = 2\n", "study.runs"),
         ("[study]\nrepeats = 3\n", "study.repeats was removed in study v2; use study.runs"),
         ("[study]\nrepeat = 3\n", "unknown key 'study.repeat'"),
@@ -194,3 +206,35 @@ points = {"linear to 0.1" = ["optim.decay=linear", "optim.lr_floor=0.1"]}
         ("schedule=cosine", ('optim.decay="cosine"',), "schedule"),
         ("floor=linear to 0.1", ("optim.decay=linear", "optim.lr_floor=0.1"), "floor"),
     ]
+
+
+def test_runs_are_content_addressed(tmp_path):
+    from recsys_codistill.config import RunConfig
+    from recsys_codistill.study.study import Cell, StudyConfig, run_spec
+
+    study, base = StudyConfig(), RunConfig()
+
+    def run_dir(kind, *sets, index=0):
+        return run_spec(study, base, tmp_path, Cell("x", tuple(sets)), kind, index).cfg.run_dir
+
+    # a typed config names the run: w = 1 (an integer in a sweep) is the base's w = 1.0
+    assert run_dir("codistill", "codistill.distill_weight=1") == run_dir("codistill")
+    assert run_dir("codistill", "codistill.distill_weight=2") != run_dir("codistill")
+    # a single model ignores codistillation settings: codistillation-only points share it
+    assert run_dir("baseline", "codistill.exchange_every=7") == run_dir("baseline")
+    # what only reports differently is the same model; the seed index and the model are not
+    assert run_dir("baseline", "train.log_every=3") == run_dir("baseline")
+    assert run_dir("baseline", index=1) != run_dir("baseline")
+    assert run_dir("baseline", "optim.dense_lr=0.5") != run_dir("baseline")
+
+
+def test_a_study_directory_refuses_other_data(tmp_path):
+    from dataclasses import replace
+
+    from recsys_codistill.study.study import StudyConfig, check_data_record
+
+    study = StudyConfig(synthetic_rows=1000)
+    check_data_record(study, tmp_path)
+    check_data_record(study, tmp_path)  # the same keys again: fine
+    with pytest.raises(ConfigError, match=r"other data \(synthetic_rows: 1000 -> 2000\)"):
+        check_data_record(replace(study, synthetic_rows=2000), tmp_path)

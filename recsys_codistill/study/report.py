@@ -177,8 +177,13 @@ def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_t
     lines = [
         "# Prediction churn study",
         "",
-        f"{n} independent runs per method (seed indices 0..{n - 1}; copy 0 of codistillation run i starts from "
-        "the weights and data order of single model i). Churn is mean |pA − pB| averaged over all "
+        f"{n} independent runs per method (seed indices 0..{n - 1}"
+        + (
+            "; copy 0 of codistillation run i starts from the weights and data order of single model i"
+            if all(v.get("data") == "shared" for v in result["codistill"].values())
+            else ""
+        )
+        + "). Churn is mean |pA − pB| averaged over all "
         f"{n * (n - 1) // 2} pairs of a method's runs; intervals ({100 * conf:.0f}%) are a jackknife over runs "
         "(pairs sharing a run are dependent), and differences to the single model are paired by seed index. "
         f"The hold-out ({h['valid_rows']:,} rows; training {h['train_rows']:,}; row ids checked disjoint) is cut "
@@ -197,12 +202,13 @@ def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_t
         body = []
         for row, r in rows.items():
             paper = PAPER.get(row) if cell == "base" else None
-            cost = train["codistill"] if row.startswith("codistill") else train.get(row, train["baseline"])
+            per_model, total = train["codistill"] if row.startswith("codistill") else train[row]
+            cost = f"{per_model} / {total}"
             ac = r["after_calibration"]
             body.append(
                 [
                     _label(row, cell, result),
-                    str(cost),
+                    cost,
                     _est(r["log_loss"]),
                     _est(r["auc"]),
                     _est(r["churn"]),
@@ -215,7 +221,7 @@ def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_t
         lines += _table(
             [
                 "row",
-                "trainings",
+                "trainings per model / in all",
                 "log loss",
                 "AUC",
                 "churn",
@@ -228,8 +234,9 @@ def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_t
         )
         lines += [
             "",
-            "Trainings: models trained for the row's N served models (an ensemble serves two of the single "
-            "models at once; a codistillation run trains two copies).",
+            "Trainings: per served model, and in all behind the row (an ensemble serves two single models at "
+            "once, and all its ensembles are made of the row's single models; a codistillation run trains two "
+            "copies).",
             "",
         ]
         lines += [verdict(_label(row, cell, result), r, conf) for row, r in rows.items() if row != "baseline"]
@@ -286,7 +293,8 @@ def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_t
         lines += [
             "",
             "Outlier retrains: each run's distance to the consensus of the others (mean |p_run − median of the "
-            f"other runs|), flagged when its modified z-score exceeds {s['outlier_threshold']}: "
+            f"other runs|), flagged when its modified z-score exceeds {s['outlier_threshold']} and the distance is "
+            "at least 1.5 times the median run's: "
             + (
                 "; ".join(
                     f"{FLAG} {ROW_LABELS[k]} run {x['index']} (seed {x['seed']}, log loss {x['log_loss']:.4f}, "
@@ -383,9 +391,8 @@ def regime_table(result: dict[str, Any]) -> list[dict[str, Any]]:
                     e = r["vs_baseline"]["churn_relative" if name.startswith("churn") else "log_loss"]
                 for k in ("value", "ci_low", "ci_high"):
                     rec[f"{name}_{k}" if k != "value" else name] = None if e is None else e[k]
-            if row == "codistill":
-                w = r.get("within_run")
-                rec["within_run_churn"] = w["value"] if w else None
+            w = r.get("within_run")  # every record has the column (a table takes its columns from all)
+            rec["within_run_churn"] = w["value"] if w else None
             out.append(rec)
     return out
 
@@ -407,8 +414,8 @@ def write_regime(root: Path, result: dict[str, Any]) -> Path:
     lines = [
         "# Regime map",
         "",
-        "Each axis is varied one at a time around the base point; every point trains its own single models and "
-        f"codistillation runs ({result['study']['runs']} each; points that differ only in codistillation settings "
+        "Each axis is varied one at a time around the base point; every point trains its own runs of the rows "
+        f"it compares ({result['study']['runs']} each; points that differ only in codistillation settings "
         "share the single models). Changes are paired by seed index, jackknifed over runs: *vs point* compares "
         "with the single model trained at the same point, *vs base* with the single model of the base point "
         "(is this setting better than not changing anything?).",

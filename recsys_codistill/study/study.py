@@ -53,18 +53,12 @@ from recsys_codistill.config import (
     to_toml,
 )
 from recsys_codistill.eval import retrains
-from recsys_codistill.eval.metrics import logit, roc_auc, sigmoid
+from recsys_codistill.eval.calibration import CALIBRATORS
+from recsys_codistill.eval.metrics import log_loss, logit, roc_auc, sigmoid
 from recsys_codistill.run_dir import RunDir
 
 #: Rows a study can report; the codistillation row adds its copy-1 / both-copies / within-run lines.
 METHODS = ("baseline", "calibrated", "ensemble", "codistill")
-METHOD_LABELS = {
-    "baseline": "single model",
-    "calibrated": "single model + calibration",
-    "ensemble": "ensemble of two",
-    "codistill": "two-way codistillation",
-}
-CALIBRATORS = ("offset", "platt", "isotonic")
 
 
 @dataclass(frozen=True)
@@ -101,23 +95,6 @@ class Cell:
     axis: str | None = None  # the sweep axis it varies (None: the base point or a variant)
     value: Any = None
     rows: tuple[str, ...] = METHODS
-
-
-@dataclass(frozen=True)
-class Method:
-    """A row of the report: a method of :data:`METHODS` in a cell."""
-
-    name: str
-    cell: str = "base"
-
-    @property
-    def key(self) -> str:
-        return self.name if self.cell == "base" else f"{self.name}[{self.cell}]"
-
-    @property
-    def label(self) -> str:
-        base = METHOD_LABELS.get(self.name, self.name)
-        return base if self.cell == "base" else f"{base} ({self.cell})"
 
 
 @dataclass
@@ -214,15 +191,23 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:
         raise ConfigError(
             f"{path}: study.methods must include 'baseline' (every comparison is paired with it)"
         )
-    if "ensemble" in study.methods and study.runs < 5:
-        raise ConfigError(
-            f"{path}: study.runs = {study.runs}: the ensemble row needs at least 5 runs (two ensembles with no "
-            "shared member after deleting a run, for its jackknife); raise study.runs or drop 'ensemble'"
-        )
     check_ranges(study, str(path), "study.")
     base = from_dict(data, str(path))
+    for name, sets in variants.items():
+        other = [o for o in sets if not o.strip().startswith("codistill.")]
+        if other:
+            raise ConfigError(
+                f"{path}: study variant {name!r} sets {other}: variants change codistillation settings only "
+                "(put other settings on a [study.sweep] axis, which retrains the single model too)"
+            )
     spec = StudySpec(study, base, {str(k): list(v) for k, v in variants.items()}, sweep, axis_methods)
     for cell in cells(spec):
+        if "ensemble" in cell.rows and study.runs < 5:
+            raise ConfigError(
+                f"{path}: study.runs = {study.runs}: the ensemble row (point {cell.name!r}) needs at least 5 runs "
+                "(two ensembles with no shared member after deleting a run, for its jackknife); raise "
+                "study.runs or drop 'ensemble'"
+            )
         for kind in ("baseline", "codistill") if "codistill" in cell.rows else ("baseline",):
             try:
                 run_spec(study, base, Path(study.out_dir), cell, kind, 0)
@@ -287,6 +272,33 @@ def prepare_data(study: StudyConfig, root: Path) -> Path:
     return d
 
 
+_DATA_KEYS = ("data_dir", "inputs", "synthetic_rows", "synthetic_seed", "valid_fraction", "split", "seed")
+
+
+def check_data_record(study: StudyConfig, root: Path, data: Path | None = None) -> None:
+    """A study directory holds runs trained on one data set: ``data.json`` records the study keys that made
+    it (and, once made, the sha256 of its manifests); a later invocation with other data keys, or whose data
+    changed on disk, is refused instead of silently reusing runs trained on other rows."""
+    path = root / "data.json"
+    want = {k: getattr(study, k) for k in _DATA_KEYS}
+    want = json.loads(json.dumps(want))
+    if data is not None:
+        want["manifests"] = {
+            sub: hashlib.sha256((data / sub / MANIFEST).read_bytes()).hexdigest()
+            for sub in ("train", "valid")
+        }
+    if path.is_file():
+        have = json.loads(path.read_text())
+        diff = [k for k in want if k in have and have[k] != want[k]]
+        if diff:
+            raise ConfigError(
+                f"study.out_dir {root} holds runs trained on other data ({', '.join(f'{k}: {have[k]!r} -> {want[k]!r}' for k in diff)}); "
+                "use another study.out_dir, or restore the settings"
+            )
+        want = {**have, **want}
+    path.write_text(json.dumps(want, indent=1))
+
+
 def row_ids(data_dir: Path) -> np.ndarray:
     parts = [pq.read_table(path, columns=["row_id"])["row_id"].to_numpy() for path in data_files(data_dir)]
     return np.concatenate(parts) if parts else np.empty(0, np.int64)
@@ -331,6 +343,7 @@ def run_spec(study: StudyConfig, base: RunConfig, root: Path, cell: Cell, kind: 
         # a single model ignores codistillation settings: the same run serves every codistillation point
         d["codistill"] = to_dict(CodistillConfig())
     d["codistill"]["num_groups"] = 1 if kind == "baseline" else 2
+    d = to_dict(from_dict(d, f"<study run {kind} {index} of {cell.name}>"))  # typed: 1 and 1.0 hash alike
     key = hashlib.sha256(json.dumps(_canonical(d), sort_keys=True).encode()).hexdigest()[:12]
     d["run_dir"] = str(root / "runs" / f"{kind}-{key}")
     return RunSpec(from_dict(d, f"<study run {kind} {index} of {cell.name}>"), kind, index)  # type: ignore[arg-type]
@@ -446,19 +459,8 @@ def make_split(labels: np.ndarray, row_id: np.ndarray, fraction: float) -> Split
     return Split(n_cal, y[:n_cal], y[n_cal:], row_id)
 
 
-def _log_loss_rows(y: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(p, 1e-15, 1 - 1e-15)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
-
-
 def _estimate_dict(e: retrains.Estimate) -> dict[str, Any]:
     return e.to_dict()
-
-
-def _run_means(values: np.ndarray, confidence: float) -> dict[str, Any]:
-    """A per-run quantity (runs independent): mean with a jackknife (= t) interval over runs."""
-    v = np.asarray(values, dtype=np.float64)
-    return _estimate_dict(retrains.jackknife(lambda idx: float(v[idx].mean()), v.size, confidence))
 
 
 class CellMeasure:
@@ -470,35 +472,42 @@ class CellMeasure:
         self.cal = split.n_cal
         self._stats: dict[tuple[str, str | None], dict[str, Callable[[np.ndarray], float]]] = {}
 
-    # -- predictions of each row, on the evaluation rows --------------------------------------------------
-    def _eval(self, Z: np.ndarray) -> np.ndarray:
-        return sigmoid(Z[:, self.cal :])
-
-    def _calibrated(self, Z: np.ndarray, kind: str) -> np.ndarray:
-        P, _ = retrains.calibrated(Z[:, self.cal :], Z[:, : self.cal], self.split.y_cal, kind)
-        return P
-
-    def probabilities(self, row: str, calibration: str | None = None) -> np.ndarray | None:
-        """(N, n_eval) probabilities of a row's N models; for the ensemble, its members (it is formed by the
-        ensemble statistics); None when its runs were not trained."""
+    # -- each row's served models, as logits on every hold-out row -----------------------------------------
+    def served(self, row: str) -> tuple[np.ndarray, list[tuple[int, int]] | None] | None:
+        """(models × rows logits, for an ensemble the member pair of each model); None when not trained.
+        The calibrated row is the single model after ``study.calibration`` (fit on the calibration rows);
+        an ensemble is the average of two single models' probabilities; ``codistill_mean`` both copies of a
+        run averaged."""
+        Z = self.Z
+        if row in ("baseline", "codistill", "codistill_g1"):
+            return (Z[row], None) if row in Z else None
+        if row == "calibrated":
+            P, _ = retrains.calibrated(
+                Z["baseline"], Z["baseline"][:, : self.cal], self.split.y_cal, self.study.calibration
+            )
+            return logit(P), None
+        if row == "ensemble":
+            S = sigmoid(Z["baseline"])
+            pairs = retrains.ensemble_members(S.shape[0])
+            return logit(np.stack([(S[i] + S[j]) / 2 for i, j in pairs])), pairs
         if row == "codistill_mean":
-            if "codistill_g1" not in self.Z:
+            if "codistill_g1" not in Z:
                 return None
-            # the run's two copies averaged: what serving both copies of one codistillation run gives
-            Z = logit((sigmoid(self.Z["codistill"]) + sigmoid(self.Z["codistill_g1"])) / 2)
-        else:
-            source = {"calibrated": "baseline", "ensemble": "baseline"}.get(row, row)
-            if source not in self.Z:
-                return None
-            Z = self.Z[source]
-        if row == "calibrated" and calibration is None:
-            calibration = self.study.calibration
-        if calibration == "rank":  # the decomposition's reference, not a calibrator: see rank_matched
-            base = self._calibrated(Z, self.study.calibration) if row == "calibrated" else self._eval(Z)
-            if row != "ensemble":
-                return retrains.rank_matched(base)
-            return base  # ensembles: rank-matched after averaging, in _make_stats
-        return self._calibrated(Z, calibration) if calibration else self._eval(Z)
+            return logit((sigmoid(Z["codistill"]) + sigmoid(Z["codistill_g1"])) / 2), None
+        raise ValueError(f"unknown study row {row!r}")
+
+    def probabilities(self, row: str, calibration: str | None = None) -> np.ndarray:
+        """The row's served models on the evaluation rows: as trained, recalibrated (``offset`` / ``platt`` /
+        ``isotonic``, fit per model on the calibration rows), or rank-matched (``rank``, see
+        :func:`~recsys_codistill.eval.retrains.rank_matched`)."""
+        got = self.served(row)
+        assert got is not None, row
+        Z = got[0]
+        if calibration == "rank":
+            return retrains.rank_matched(sigmoid(Z[:, self.cal :]))
+        if calibration:
+            return retrains.calibrated(Z[:, self.cal :], Z[:, : self.cal], self.split.y_cal, calibration)[0]
+        return sigmoid(Z[:, self.cal :])
 
     # -- run-indexed statistics: stat(idx) over the kept runs, for the jackknife ---------------------------
     def stats(self, row: str, calibration: str | None = None) -> dict[str, Callable[[np.ndarray], float]]:
@@ -509,25 +518,23 @@ class CellMeasure:
 
     def _make_stats(self, row: str, calibration: str | None) -> dict[str, Callable[[np.ndarray], float]]:
         P = self.probabilities(row, calibration)
-        assert P is not None
         y = self.split.y_eval
-        if row == "ensemble":
-            pairs, M = retrains.ensemble_churn_matrix(P)
-            if calibration == "rank":  # rank-match the served (averaged) predictions, not the members
-                E = retrains.rank_matched(np.stack([(P[i] + P[j]) / 2 for i, j in pairs]))
-                shared = np.isnan(M)
-                M = retrains.pairwise_churn(E)
-                M[shared] = np.nan
-            ll = np.array([_log_loss_rows(y, (P[i] + P[j]) / 2) for i, j in pairs])
-            auc = np.array([roc_auc(y, (P[i] + P[j]) / 2) for i, j in pairs])
+        ll = np.array([log_loss(y, p) for p in P])
+        auc = np.array([roc_auc(y, p) for p in P])
+        M = retrains.pairwise_churn(P)
+        pairs = self.served(row)[1]  # type: ignore[index]
+        if pairs is not None:
+            # ensembles: churn only between ensembles with no shared member; a run's deletion drops every
+            # ensemble it is in
+            for a, (i, j) in enumerate(pairs):
+                for b, (k, m) in enumerate(pairs):
+                    if {i, j} & {k, m}:
+                        M[a, b] = np.nan
             return {
                 "churn": lambda idx: retrains.mean_over_disjoint_ensembles(M, pairs, idx),
                 "log_loss": lambda idx: retrains.ensemble_mean_over_runs(ll, pairs, idx),
                 "auc": lambda idx: retrains.ensemble_mean_over_runs(auc, pairs, idx),
             }
-        M = retrains.pairwise_churn(P)
-        ll = np.array([_log_loss_rows(y, p) for p in P])
-        auc = np.array([roc_auc(y, p) for p in P])
         return {
             "churn": lambda idx: retrains.mean_over_pairs(M, idx),
             "log_loss": lambda idx: float(ll[idx].mean()),
@@ -578,7 +585,7 @@ class CellMeasure:
             {
                 "index": i,
                 "seed": self.study.seed * 1000 + i,
-                "log_loss": _log_loss_rows(y, P[i]),
+                "log_loss": log_loss(y, P[i]),
                 "consensus_distance": float(d[i]),
                 "robust_z": float(z[i]),
                 "outlier": bool(flags[i]),
@@ -655,7 +662,9 @@ def run(spec: StudySpec) -> Path:
     root = Path(study.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    check_data_record(study, root)
     data = prepare_data(study, root)
+    check_data_record(study, root, data)
     holdout = check_holdout(data)
     d = to_dict(spec.base)
     d["data"] = {**d["data"], "train_dir": str(data / "train"), "valid_dir": str(data / "valid")}
@@ -774,11 +783,13 @@ def _trainings(runs: dict[tuple[str, int], RunSpec]) -> dict[str, int]:
     """Trainings (model copies trained) behind each row of a point."""
     n_b = sum(1 for k, _ in runs if k == "baseline")
     n_c = sum(1 for k, _ in runs if k == "codistill")
+    # (per served model, behind the row): an ensemble serves two single models at once, and its N(N-1)/2
+    # ensembles are made of the row's N single models; a codistillation run trains two copies
     return {
-        "baseline": n_b,
-        "calibrated": n_b,
-        "ensemble": n_b,  # every ensemble is two of the same single models: 2 trainings per served model
-        "codistill": 2 * n_c,
+        "baseline": [1, n_b],
+        "calibrated": [1, n_b],
+        "ensemble": [2, n_b],
+        "codistill": [2, 2 * n_c],
     }
 
 
@@ -788,7 +799,7 @@ def bayes_reference(root: Path, row_id: np.ndarray, labels: np.ndarray) -> dict[
     if not truth.is_file():
         return None
     prob = pq.read_table(truth, columns=["probability"])["probability"].to_numpy()[row_id]
-    return {"log_loss": _log_loss_rows(labels, prob), "auc": roc_auc(labels, prob)}
+    return {"log_loss": log_loss(labels, prob), "auc": roc_auc(labels, prob)}
 
 
 def versions() -> dict[str, str]:

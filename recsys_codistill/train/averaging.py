@@ -98,13 +98,22 @@ class WeightAverager:
 
     # -- per-rank checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "count": self.count, "start": self.start, "avg": dict(self.avg)}
+        return {
+            "kind": self.kind,
+            "start": self.start,
+            "every": self.every,
+            "decay": self.decay,
+            "count": self.count,
+            "avg": dict(self.avg),
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if sd.get("kind") != self.kind or sd.get("start") != self.start:
+        saved = {k: sd.get(k) for k in ("kind", "start", "every", "decay")}
+        mine = {"kind": self.kind, "start": self.start, "every": self.every, "decay": self.decay}
+        if saved != mine:
             raise dist.FatalError(
-                f"the checkpoint's weight average is {sd.get('kind')!r} from step {sd.get('start')}, this run "
-                f"asks for {self.kind!r} from step {self.start} (train.average / average_fraction changed)"
+                f"the checkpoint's weight average was taken with {saved}, this run asks for {mine} "
+                "(train.average / average_fraction / average_every / ema_decay changed): it cannot continue it"
             )
         self.count = int(sd["count"])
         self.avg = {k: v.clone() for k, v in sd["avg"].items()}
