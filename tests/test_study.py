@@ -88,6 +88,11 @@ def test_tiny_study_writes_every_artefact_and_resumes(tmp_path, capsys):
     assert rows["ensemble"]["churn"]["value"] < rows["baseline"]["churn"]["value"]
     assert rows["calibrated"]["churn"]["value"] != rows["baseline"]["churn"]["value"]
     assert rows["calibrated"]["churn"]["value"] == rows["baseline"]["after_calibration"]["platt"]["value"]
+    # the decomposition's reordering share is the rank-matched churn over the raw churn
+    for m in ("baseline", "ensemble", "codistill"):
+        d, r = rows[m]["decomposition"], rows[m]["rank_matched"]["value"]
+        assert d["reordering"] == pytest.approx(r / rows[m]["churn"]["value"], rel=1e-12)
+    assert "| rank-matched |" in text
     info = result["codistill"]["base"]
     assert info["steps"] == 17 and info["burn_in_steps"] == 4 and not info["never_loaded_a_teacher"]
     assert all(v >= 3 for v in info["teacher_versions_loaded"])

@@ -55,8 +55,8 @@ def verdict(label: str, r: dict[str, Any], confidence: float) -> str:
     verb = "cuts" if c["value"] < 0 else "raises"
     few = " (few runs: a small-sample t interval, wide)" if c.get("few_runs") else ""
     return (
-        f"**{label}** {verb} churn by {abs(100 * c['value']):.0f}% [{100 * c['ci_low']:+.0f}%, "
-        f"{100 * c['ci_high']:+.0f}%] at log loss {ll['value']:+.4f} [{ll['ci_low']:+.4f}, {ll['ci_high']:+.4f}]; "
+        f"**{label}** {verb} churn by {abs(100 * c['value']):.1f}% [{100 * c['ci_low']:+.1f}%, "
+        f"{100 * c['ci_high']:+.1f}%] at log loss {ll['value']:+.4f} [{ll['ci_low']:+.4f}, {ll['ci_high']:+.4f}]; "
         f"{'significant' if _significant(c) else 'not significant'} at {100 * confidence:.0f}%{few}."
     )
 
@@ -261,6 +261,7 @@ def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_t
         dec = [
             [_label(row, cell, result), f"{r['churn']['value']:.4f}"]
             + [f"{r['after_calibration'][k]['value']:.4f}" for k in ("offset", "platt", "isotonic")]
+            + [f"{r['rank_matched']['value']:.4f}"]
             + [
                 f"{100 * r['decomposition'][k]:.0f}%"
                 for k in ("global_shift", "monotone_recalibration", "reordering")
@@ -270,9 +271,12 @@ def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_t
         lines += [
             "",
             "Churn decomposition: each model recalibrated on the calibration rows (a logit offset; Platt; "
-            "isotonic), churn re-measured on the evaluation rows. *Global shift* is the share a per-model logit "
-            "offset removes, *monotone* the share isotonic recalibration removes; what is left is rows ranked "
-            "differently, which no recalibration of each model removes.",
+            "isotonic), churn re-measured on the evaluation rows. *Rank-matched*: every model's predictions mapped, "
+            "by its own ranking of the rows, onto one common distribution (no labels, no fitting noise). "
+            "*Global shift* is the share of churn a per-model logit offset removes, *monotone* the share "
+            "rank-matching removes (any monotone recalibration, the offset included), *reordering* what is left: "
+            "rows the models rank differently, which no recalibration of each model removes. A negative share "
+            "means the recalibration added churn (a fit on few rows, or a slope that stretches predictions).",
             "",
         ]
         lines += _table(
@@ -282,6 +286,7 @@ def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_t
                 "after offset",
                 "after Platt",
                 "after isotonic",
+                "rank-matched",
                 "global shift",
                 "monotone",
                 "reordering",

@@ -542,34 +542,36 @@ class CellMeasure:
         }
 
     def row(self, row: str, base: CellMeasure | None = None) -> dict[str, Any]:
-        """A row's churn and quality with intervals, its churn after each recalibration, and its paired
-        differences to the single model of ``base`` (default: this cell's)."""
+        """A row's churn and quality with intervals, its churn after each recalibration and rank-matched, and
+        its paired differences to the single model of ``base`` (default: this cell's)."""
         n = next(iter(self.Z.values())).shape[0]
-        min_runs = 4 if row == "ensemble" else 2
+        k = 4 if row == "ensemble" else 2  # runs every delete-one set must keep
+
+        def jack(f: Callable[[np.ndarray], float], scale: str = "linear") -> dict[str, Any]:
+            return _estimate_dict(retrains.jackknife(f, n, self.conf, min_runs=k, scale=scale))  # type: ignore[arg-type]
+
+        def paired(f: Callable, g: Callable, relative: bool = False) -> dict[str, Any]:
+            return _estimate_dict(
+                retrains.paired_difference(f, g, n, relative=relative, confidence=self.conf, min_runs=k)
+            )
+
         st = self.stats(row)
+        # churn is positive and right-skewed: its interval is taken on the log scale (never below 0)
         out: dict[str, Any] = {
-            k: _estimate_dict(retrains.jackknife(f, n, self.conf, min_runs=min_runs)) for k, f in st.items()
+            "churn": jack(st["churn"], "log"),
+            "log_loss": jack(st["log_loss"]),
+            "auc": jack(st["auc"]),
+            "after_calibration": {c: jack(self.stats(row, c)["churn"], "log") for c in CALIBRATORS},
+            "rank_matched": jack(self.stats(row, "rank")["churn"], "log"),
         }
-        out["after_calibration"] = {
-            kind: _estimate_dict(retrains.jackknife(self.stats(row, kind)["churn"], n, self.conf, min_runs))
-            for kind in CALIBRATORS
-        }
-        raw = out["churn"]["value"]
         out["decomposition"] = retrains.decompose(
-            raw, out["after_calibration"]["offset"]["value"], out["after_calibration"]["isotonic"]["value"]
+            out["churn"]["value"], out["after_calibration"]["offset"]["value"], out["rank_matched"]["value"]
         )
-        ref = base or self
-        b = ref.stats("baseline")
+        b = (base or self).stats("baseline")
         out["vs_baseline"] = {
-            "churn_relative": _estimate_dict(
-                retrains.paired_difference(st["churn"], b["churn"], n, relative=True, confidence=self.conf)
-            ),
-            "churn": _estimate_dict(
-                retrains.paired_difference(st["churn"], b["churn"], n, confidence=self.conf)
-            ),
-            "log_loss": _estimate_dict(
-                retrains.paired_difference(st["log_loss"], b["log_loss"], n, confidence=self.conf)
-            ),
+            "churn_relative": paired(st["churn"], b["churn"], relative=True),
+            "churn": paired(st["churn"], b["churn"]),
+            "log_loss": paired(st["log_loss"], b["log_loss"]),
         }
         return out
 
