@@ -184,6 +184,7 @@ def test_study_config_errors(tmp_path):
         ('[study.sweep.lr]\nset = "optim.dense_lr=1"\nvalues = [1]\n', "templates"),
         ('[study.sweep.lr]\nset = "optim.dense_lr={}"\nvalues = [-1]\n', "point 'lr=-1'"),
         ("[study.sweep.lr]\nvalues = [1, 2]\nfoo = 1\n", "expected keys"),
+        ('[study.sweep.g]\ngrid = {"optim.dense_lr=1" = [1]}\n', "grid must map"),
         ('[study.sweep.k]\npoints = {a = ["codistill.exchange_every=3"], b = "x"}\n', "points must map"),
     ):
         p.write_text(text)
@@ -202,6 +203,8 @@ set = ["optim.decay={}"]
 values = ["linear", "cosine"]
 [study.sweep.floor]
 points = {"linear to 0.1" = ["optim.decay=linear", "optim.lr_floor=0.1"]}
+[study.sweep.w_by_decay]
+grid = {"codistill.distill_weight={}" = [1, 4], "optim.decay={}" = ["none", "linear"]}
 """
     )
     got = [(c.name, c.overrides, c.axis, c.rows) for c in cells(load_spec(p))]
@@ -210,6 +213,26 @@ points = {"linear to 0.1" = ["optim.decay=linear", "optim.lr_floor=0.1"]}
         ("schedule=linear", ('optim.decay="linear"',), "schedule"),
         ("schedule=cosine", ('optim.decay="cosine"',), "schedule"),
         ("floor=linear to 0.1", ("optim.decay=linear", "optim.lr_floor=0.1"), "floor"),
+        (
+            "w_by_decay=distill_weight=1, decay=none",
+            ("codistill.distill_weight=1", 'optim.decay="none"'),
+            "w_by_decay",
+        ),
+        (
+            "w_by_decay=distill_weight=1, decay=linear",
+            ("codistill.distill_weight=1", 'optim.decay="linear"'),
+            "w_by_decay",
+        ),
+        (
+            "w_by_decay=distill_weight=4, decay=none",
+            ("codistill.distill_weight=4", 'optim.decay="none"'),
+            "w_by_decay",
+        ),
+        (
+            "w_by_decay=distill_weight=4, decay=linear",
+            ("codistill.distill_weight=4", 'optim.decay="linear"'),
+            "w_by_decay",
+        ),
     ]
 
 

@@ -25,6 +25,7 @@ Design (see README "The study"):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import platform
 import threading
@@ -118,6 +119,11 @@ _REMOVED = {
 }
 
 
+def _toml_value(v: Any) -> str:
+    """A sweep value as the right-hand side of a ``--set`` override."""
+    return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
 def _sweep_axes(raw: Any, source: str) -> tuple[dict[str, list[tuple[str, list[str]]]], dict[str, list[str]]]:
     """``[study.sweep.<axis>]`` tables: ``set`` templates with ``values`` (``"optim.dense_lr={}"``), or
     ``points``, a table of point name -> list of overrides; optionally ``methods``, the rows of this axis
@@ -128,9 +134,9 @@ def _sweep_axes(raw: Any, source: str) -> tuple[dict[str, list[tuple[str, list[s
     methods: dict[str, list[str]] = {}
     for axis, spec in raw.items():
         where = f"{source}: [study.sweep.{axis}]"
-        if not isinstance(spec, dict) or set(spec) - {"set", "values", "points", "methods"}:
+        if not isinstance(spec, dict) or set(spec) - {"set", "values", "points", "grid", "methods"}:
             raise ConfigError(
-                f"{where}: expected keys set + values, or points, and methods (got {sorted(spec)})"
+                f"{where}: expected keys set + values, points or grid, and methods (got {sorted(spec)})"
             )
         if "methods" in spec:
             m = spec["methods"]
@@ -155,10 +161,27 @@ def _sweep_axes(raw: Any, source: str) -> tuple[dict[str, list[tuple[str, list[s
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}: values must be a non-empty list (got {values!r})")
             for v in values:
-                text = (
-                    json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+                points.append((f"{v}", [t.replace("{}", _toml_value(v)) for t in templates]))
+        if "grid" in spec:
+            # a small grid: every combination of the templates' values, e.g. w x schedule
+            grid = spec["grid"]
+            if (
+                not isinstance(grid, dict)
+                or not grid
+                or not all(
+                    isinstance(t, str) and "{}" in t and isinstance(v, list) and v for t, v in grid.items()
                 )
-                points.append((f"{v}", [t.replace("{}", text) for t in templates]))
+            ):
+                raise ConfigError(
+                    f'{where}: grid must map "section.key={{}}" templates to non-empty value lists'
+                )
+            for combo in itertools.product(*grid.values()):
+                name = ", ".join(
+                    f"{t.split('=')[0].split('.')[-1]}={v}" for t, v in zip(grid, combo, strict=True)
+                )
+                points.append(
+                    (name, [t.replace("{}", _toml_value(v)) for t, v in zip(grid, combo, strict=True)])
+                )
         if not points:
             raise ConfigError(f"{where}: no points")
         names = [p for p, _ in points]
