@@ -149,6 +149,7 @@ BAD_VALUES: dict[str, list] = {
     "model.dcn_low_rank": [0, -64],
     "model.mlp_layers": [[0], [256, -1]],
     "model.dense_buckets": [-1, 1, 2, 2**31],
+    "model.smelu_beta": [0, -1.0, INF, NAN],
     "sharding.nproc": [0, -2],
     "sharding.rdzv_port": [-1, 65536],
     "sharding.nnodes": [0, -1],

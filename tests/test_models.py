@@ -72,3 +72,40 @@ def test_dense_bucket_tables(arch):
         lengths=torch.ones(39 * 5, dtype=torch.long),
     )
     assert model(torch.rand(5, 13), s).shape == (5,)
+
+
+def test_smelu_matches_its_closed_form_and_gradient():
+    from models import smelu
+
+    beta = 0.7
+    x = torch.tensor([-3.0, -0.7, -0.2, 0.0, 0.35, 0.7, 2.5], dtype=torch.float64, requires_grad=True)
+    y = smelu(x, beta)
+    expected = [0.0, 0.0, (0.5**2) / 2.8, 0.7**2 / 2.8, (1.05**2) / 2.8, 0.7, 2.5]
+    torch.testing.assert_close(y, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    y.sum().backward()
+    # gradient: 0 below -beta, (x + beta) / (2 beta) inside, 1 above; continuous at both ends
+    grad = [0.0, 0.0, 0.5 / 1.4, 0.5, 1.05 / 1.4, 1.0, 1.0]
+    torch.testing.assert_close(x.grad, torch.tensor(grad, dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="beta"):
+        smelu(x, 0.0)
+
+
+@pytest.mark.parametrize("arch", ["dlrm", "dcn", "mlp"])
+def test_smelu_replaces_every_hidden_activation_and_keeps_the_state_dict(arch):
+    from torchrec.modules.mlp import Perceptron
+
+    from models import SmeLU, build_model
+
+    kw = dict(table_sizes=[10] * 26, embedding_dim=4, dense_arch=[8, 4], over_arch=[8, 1], mlp_layers=[8, 4])
+    relu = build_model(arch, **kw, device="cpu")
+    smooth = build_model(arch, **kw, activation="smelu", smelu_beta=0.5, device="cpu")
+    assert set(relu.state_dict()) == set(smooth.state_dict())
+
+    def hidden(model):  # every hidden-layer activation: TorchRec's Perceptron's, and activation modules
+        acts = [m._activation_fn for m in model.modules() if isinstance(m, Perceptron)]
+        return acts + [m for m in model.modules() if isinstance(m, (torch.nn.ReLU, SmeLU)) and m not in acts]
+
+    assert len(hidden(smooth)) == len(hidden(relu)) > 0
+    assert all(isinstance(a, SmeLU) and a.beta == 0.5 for a in hidden(smooth))
+    with pytest.raises(ValueError, match="activation"):
+        build_model(arch, **kw, activation="gelu", device="cpu")

@@ -346,6 +346,11 @@ class RunSpec:
     index: int  # seed index
 
 
+# Keys added after study v2 shipped, left out of a run's address while at their default, so that adding an
+# option does not rename (and retrain) every finished run. A key joins this list when it is added.
+_NEW_KEYS_AT_DEFAULT = {("model", "activation"): "relu", ("model", "smelu_beta"): 1.0}
+
+
 def _canonical(d: dict[str, Any]) -> dict[str, Any]:
     """What defines a run's model: everything but where it lives and how it reports."""
     d = json.loads(json.dumps(d))
@@ -353,6 +358,9 @@ def _canonical(d: dict[str, Any]) -> dict[str, Any]:
     for k in ("progress", "log_every", "eval_every"):
         d["train"].pop(k, None)
     d["checkpoint"].pop("keep_last", None)
+    for (section, key), default in _NEW_KEYS_AT_DEFAULT.items():
+        if d.get(section, {}).get(key) == default:
+            d[section].pop(key)
     return d
 
 
@@ -373,7 +381,27 @@ def run_spec(study: StudyConfig, base: RunConfig, root: Path, cell: Cell, kind: 
 
 
 def is_done(cfg: RunConfig) -> bool:
-    return all(RunDir(cfg.run_dir).result(g).is_file() for g in range(cfg.codistill.num_groups))
+    """Whether the run finished; a finished run is reused only if it was trained with this very model
+    config (its saved config.toml is compared), so an address can never hand back another model."""
+    run = RunDir(cfg.run_dir)
+    if not all(run.result(g).is_file() for g in range(cfg.codistill.num_groups)):
+        return False
+    from recsys_codistill.config import load_config
+
+    saved, want = _canonical(to_dict(load_config(run.config))), _canonical(to_dict(cfg))
+    if saved != want:
+        diff = sorted(
+            f"{s}.{k}"
+            for s in want
+            if isinstance(want[s], dict)
+            for k in want[s]
+            if saved.get(s, {}).get(k) != want[s][k]
+        )
+        raise ConfigError(
+            f"{cfg.run_dir} finished with other settings than this study asks for ({', '.join(diff[:5])}); "
+            "move it away or use another study.out_dir"
+        )
+    return True
 
 
 class Progress:
