@@ -238,6 +238,11 @@ class TrainConfig:
     # Weight averaging of the final model (train/averaging.py): "ema" or "swa" (uniform mean) of the weights
     # over the last average_fraction of the steps, sampled every average_every steps; the final checkpoint,
     # validation and predictions then use the averaged weights.
+    # Warm start: a fresh run begins from a trained run's latest checkpoint of group init_group (its model
+    # weights; with init_optimizer, the optimizer state too). The input mapping must match (checked, named).
+    init_from: str = ""
+    init_group: int = ranged(0, ge=0)
+    init_optimizer: bool = False
     average: Literal["none", "ema", "swa"] = "none"
     average_fraction: float = ranged(0.25, gt=0, le=1)
     average_every: int = ranged(10, ge=1)
@@ -271,6 +276,21 @@ class CodistillConfig:
 
 
 @dataclass(frozen=True)
+class AnchorConfig:
+    """A fixed teacher: a trained run's latest checkpoint (codistill/fixed.py). Distilling toward yesterday's
+    model is anchor distillation (Jiang et al., ICLR 2022, "Churn reduction via distillation": equivalent to
+    an explicit churn constraint, weight λ); toward any other trained run, offline distillation. Combines with
+    codistillation's peers: loss = BCE + w·ψ(peers) + λ·ψ(anchor)."""
+
+    # The teacher's run directory (empty = no anchor) and which of its groups.
+    run: str = ""
+    group: int = ranged(0, ge=0)
+    # λ; 0 trains exactly the model without an anchor (no teacher forward at all).
+    weight: float = ranged(0.0, ge=0)
+    loss: Literal["ce", "kl", "mse_logits"] = "ce"
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = ranged(0, ge=1, zero="only at the end")
     keep_last: int = ranged(2, ge=1)
@@ -295,6 +315,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     codistill: CodistillConfig = field(default_factory=CodistillConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

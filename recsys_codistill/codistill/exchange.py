@@ -58,6 +58,11 @@ class TeacherSource(Protocol):
     (after each periodic checkpoint). Teacher logits carry no gradient.
     """
 
+    #: the loss term's log name, weight and ψ (``ce`` / ``kl`` / ``mse_logits``)
+    name: str
+    weight: float
+    loss: str
+
     def start(self, model: nn.Module, step: int) -> None: ...
 
     def logits(self, batch: Any, step: int) -> list[torch.Tensor]:
@@ -204,6 +209,8 @@ class PeerExchange:
         self, cfg: CodistillConfig, root: Path, group: int, ctx: Any, make_teacher: Callable[[], nn.Module]
     ) -> None:
         self.cfg = cfg
+        # as a TeacherSource term: w · ψ(p̄ of the peers, z), logged as "distill"
+        self.name, self.weight, self.loss = "distill", cfg.distill_weight, cfg.loss
         self.group = group
         self.ctx = ctx
         self.root = Path(root)

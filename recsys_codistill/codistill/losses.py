@@ -10,7 +10,7 @@ logits are detached here even if a caller forgot ``no_grad``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,19 @@ class LossParts:
     # KL(p̄ ‖ σ(z)): the real gap between student and teachers, whatever ψ is (a cross entropy against
     # soft targets includes the teachers' own entropy, so it never reaches 0); 0 without teachers.
     kl: torch.Tensor | None = None
+    # Other teachers' terms by name (e.g. "anchor"): (ψ, KL), both unweighted.
+    terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TeacherTerm:
+    """One teacher source's contribution: ``weight · ψ_loss(p̄ of its logits, z)`` logged under ``name``
+    (``distill`` is codistillation's peers)."""
+
+    name: str
+    weight: float
+    loss: str
+    logits: Sequence[torch.Tensor]
 
 
 def soft_targets(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -60,6 +73,24 @@ def distill_gap(logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor]) ->
     return F.binary_cross_entropy_with_logits(logits.detach().float(), p) - F.binary_cross_entropy(p, p)
 
 
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, terms: Sequence[TeacherTerm]) -> LossParts:
+    """BCE plus every teacher's weighted term; a term without logits (burn-in) or with weight 0 adds
+    nothing, not even a zero, so the graph is exactly the baseline's and such a run reproduces the baseline
+    bit for bit."""
+    bce = F.binary_cross_entropy_with_logits(logits, labels)
+    zero = torch.zeros((), device=logits.device)
+    total, parts = bce, {}
+    for t in terms:
+        if not t.logits or t.weight == 0.0:
+            continue
+        psi = distill_term(logits, t.logits, t.loss)
+        kl = psi.detach() if t.loss == "kl" else distill_gap(logits, t.logits)
+        total = total + t.weight * psi
+        parts[t.name] = (psi, kl)
+    distill, kl = parts.pop("distill", (zero, zero))
+    return LossParts(bce=bce, distill=distill, total=total, kl=kl, terms=parts)
+
+
 def codistill_loss(
     logits: torch.Tensor,
     teacher_logits: Sequence[torch.Tensor] | None,
@@ -67,14 +98,9 @@ def codistill_loss(
     cfg: CodistillConfig,
 ) -> LossParts:
     """BCE plus the weighted distillation term; pure BCE when there is no teacher (burn-in) or w = 0."""
-    bce = F.binary_cross_entropy_with_logits(logits, labels)
-    if not teacher_logits or cfg.distill_weight == 0.0:
-        # Exactly the baseline's graph, so w = 0 reproduces the baseline bit for bit.
-        zero = torch.zeros((), device=logits.device)
-        return LossParts(bce=bce, distill=zero, total=bce, kl=zero)
-    distill = distill_term(logits, teacher_logits, cfg.loss)
-    kl = distill.detach() if cfg.loss == "kl" else distill_gap(logits, teacher_logits)
-    return LossParts(bce=bce, distill=distill, total=bce + cfg.distill_weight * distill, kl=kl)
+    return distillation_loss(
+        logits, labels, [TeacherTerm("distill", cfg.distill_weight, cfg.loss, teacher_logits or [])]
+    )
 
 
 class CodistillTrain(nn.Module):

@@ -348,7 +348,14 @@ class RunSpec:
 
 # Keys added after study v2 shipped, left out of a run's address while at their default, so that adding an
 # option does not rename (and retrain) every finished run. A key joins this list when it is added.
-_NEW_KEYS_AT_DEFAULT = {("model", "activation"): "relu", ("model", "smelu_beta"): 1.0}
+_NEW_KEYS_AT_DEFAULT = {
+    ("model", "activation"): "relu",
+    ("model", "smelu_beta"): 1.0,
+    ("train", "init_from"): "",
+    ("train", "init_group"): 0,
+    ("train", "init_optimizer"): False,
+}
+_NEW_SECTIONS_AT_DEFAULT = ("anchor",)
 
 
 def _canonical(d: dict[str, Any]) -> dict[str, Any]:
@@ -361,6 +368,10 @@ def _canonical(d: dict[str, Any]) -> dict[str, Any]:
     for (section, key), default in _NEW_KEYS_AT_DEFAULT.items():
         if d.get(section, {}).get(key) == default:
             d[section].pop(key)
+    defaults = to_dict(RunConfig())
+    for section in _NEW_SECTIONS_AT_DEFAULT:
+        if d.get(section) == defaults[section]:
+            d.pop(section)
     return d
 
 

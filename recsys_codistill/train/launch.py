@@ -151,6 +151,28 @@ def check_resumable(cfg: RunConfig, vocab: object) -> None:
                 raise ConfigError(str(e)) from e
 
 
+def check_teacher_runs(cfg: RunConfig, vocab: object) -> None:
+    """The runs a training reads (``anchor.run``, ``train.init_from``) must be trained runs with an intact
+    checkpoint and this run's input mapping: refused here, naming the differing keys, before any worker."""
+    from recsys_codistill import dist
+    from recsys_codistill.codistill.fixed import teacher_checkpoint
+    from recsys_codistill.train.checkpoint import check_inputs
+    from recsys_codistill.train.inputs import InputMapping
+
+    for what, run, group in (
+        ("anchor.run", cfg.anchor.run, cfg.anchor.group),
+        ("train.init_from", cfg.train.init_from, cfg.train.init_group),
+    ):
+        if not run:
+            continue
+        if Path(run).resolve() == Path(cfg.run_dir).resolve():
+            raise ConfigError(f"{what} = {run} is this run's own directory; name the run to read from")
+        try:
+            check_inputs(teacher_checkpoint(run, group, what), InputMapping.from_config(cfg, vocab))  # type: ignore[arg-type]
+        except (ValueError, dist.FatalError) as e:
+            raise ConfigError(f"{what}: {e}" if what not in str(e) else str(e)) from e
+
+
 def warn_if_config_changed(cfg: RunConfig, run_dir: Path) -> None:
     """Resuming under a changed config silently mixes two experiments: say which keys changed."""
     import difflib
@@ -395,6 +417,7 @@ def _launch_locked(cfg: RunConfig, rd: RunDir, quiet: bool) -> int:
     vocab = prepare_vocab(cfg, fresh=fresh)
     if not fresh:
         check_resumable(cfg, vocab)
+    check_teacher_runs(cfg, vocab)
     save_resolved(cfg, rd.root)  # the run's record (predict, resume)
     # The workers' own copy: a file no other launch writes, so they train exactly what this launch resolved.
     rd.launches.mkdir(exist_ok=True)

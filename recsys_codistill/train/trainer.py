@@ -22,7 +22,7 @@ from data_pipeline.loader import CriteoStream
 from models import build_model
 from recsys_codistill import dist
 from recsys_codistill.codistill.exchange import TeacherSource
-from recsys_codistill.codistill.losses import CodistillTrain, LossParts, codistill_loss
+from recsys_codistill.codistill.losses import CodistillTrain, LossParts, TeacherTerm, distillation_loss
 from recsys_codistill.config import ConfigError, OptimConfig, RunConfig
 from recsys_codistill.dist import DistContext
 from recsys_codistill.run_dir import RunDir
@@ -62,7 +62,8 @@ def lr_factor(step: int, total: int, warmup: int, decay: str, floor: float = 0.0
 
 def use_sparse_dist_pipeline(cfg: RunConfig, ctx: DistContext) -> bool:
     if cfg.train.pipeline == "auto":
-        return ctx.device.type == "cuda" and cfg.codistill.num_groups == 1
+        # (teachers need the batch outside the pipeline's traced forward)
+        return ctx.device.type == "cuda" and cfg.codistill.num_groups == 1 and not cfg.anchor.run
     return cfg.train.pipeline == "sparse_dist"
 
 
@@ -143,6 +144,7 @@ class TrainLogger:
         self.log, self.every, self.total, self.world_batch, self.group = log, every, total, world_batch, group
         self.t_last, self.step_last = time.perf_counter(), step
         self.sums: list[Any] = [0.0, 0.0, 0.0, 0.0]
+        self.term_sums: dict[str, list[Any]] = {}
 
     def restart_clock(self) -> None:
         self.t_last = time.perf_counter()
@@ -151,6 +153,10 @@ class TrainLogger:
         kl = parts.kl if parts.kl is not None else torch.zeros(())
         for i, t in enumerate((parts.total, parts.bce, parts.distill, kl)):
             self.sums[i] += t.detach()
+        for name, (psi, gap) in parts.terms.items():  # other teachers (the anchor): ψ and KL
+            s = self.term_sums.setdefault(name, [0.0, 0.0])
+            s[0] += psi.detach()
+            s[1] += gap.detach()
 
     def should_log(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total
@@ -166,12 +172,18 @@ class TrainLogger:
             # the loss term ψ (a cross entropy for loss = "ce") and the student-teacher gap KL(p̄ ‖ p)
             "distill": distill,
             "distill_kl": kl,
+            **{
+                k: float(v[i]) / n
+                for name, v in self.term_sums.items()
+                for i, k in enumerate((name, f"{name}_kl"))
+            },
             "examples_per_s": n * self.world_batch / (now - self.t_last),
             "lr": lr,
             **extra,
         }
         self.log.write(**rec)
         self.t_last, self.step_last, self.sums = now, step, [0.0, 0.0, 0.0, 0.0]
+        self.term_sums = {}
         # every rank agrees, or the ranks that did not see it would hang in the next collective
         if not dist.all_true(math.isfinite(loss)):
             raise NonFiniteError(
@@ -277,6 +289,22 @@ class Trainer:
                 )
             )
 
+        if cfg.anchor.run:
+            from recsys_codistill.codistill.fixed import FixedTeacher
+
+            a = cfg.anchor
+            self.teachers.append(
+                FixedTeacher(
+                    "anchor",
+                    a.run,
+                    a.group,
+                    a.weight,
+                    a.loss,
+                    self.inputs,
+                    lambda tcfg: build_sharded(tcfg, ctx, seed, frozen=True).model,
+                )
+            )
+
         if self.teachers and self.pipelined:
             # TorchRec's pipeline traces a forward whose only input is the batch: no teacher term there.
             raise ConfigError(
@@ -298,6 +326,8 @@ class Trainer:
         if self.averager.enabled:  # registered only when used, so older checkpoints still resume
             self.checkpointer.register("average", self.averager, per_rank=True)
         resumed_from = self.checkpointer.maybe_resume()
+        if resumed_from is None and cfg.train.init_from:
+            self._warm_start()
 
         log = MetricsLog(run.metrics(group), ctx.is_main, resume_step=self.state.step)
         if resumed_from is not None and ctx.is_main:
@@ -312,13 +342,32 @@ class Trainer:
         self.reinit = EpochReinit(cfg.train.reinit_embeddings_each_epoch, self.stream, seed)
         self.run_dir = run
 
+    def _warm_start(self) -> None:
+        """``train.init_from``: a fresh run starts from another run's weights (and optimizer state)."""
+        from recsys_codistill import dcp_io
+        from recsys_codistill.codistill.fixed import teacher_checkpoint
+        from recsys_codistill.train.checkpoint import check_inputs
+
+        t = self.cfg.train
+        path = teacher_checkpoint(t.init_from, t.init_group, "train.init_from")
+        try:
+            check_inputs(path, self.inputs)
+        except ValueError as e:
+            raise dist.FatalError(f"train.init_from: {e}") from e
+        states: dict[str, Any] = {"model": ModelState(self.model)}
+        if t.init_optimizer:
+            states["optim"] = OptimizerState(self.optimizer)
+        dcp_io.load(states, path)
+        if self.ctx.is_main:
+            print(f"[group {self.group}] warm start from {path}", flush=True)
+
     def train_step(self, batch: Any) -> LossParts:
         """Forward the student (and the teachers past burn-in), backward (the fused sparse update runs
         inside it), dense update."""
         step = self.state.step
-        teacher_logits = [z for t in self.teachers for z in t.logits(batch, step)]
+        terms = [TeacherTerm(t.name, t.weight, t.loss, t.logits(batch, step)) for t in self.teachers]
         logits = self.model(batch.dense_features, batch.sparse_features)
-        parts = codistill_loss(logits, teacher_logits, batch.labels, self.cfg.codistill)
+        parts = distillation_loss(logits, batch.labels, terms)
         self.optimizer.zero_grad()
         parts.total.backward()
         self.optimizer.step()

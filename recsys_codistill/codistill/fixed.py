@@ -1,0 +1,92 @@
+"""A trained run's checkpoint as a frozen teacher: anchor distillation and offline distillation.
+
+Anchor distillation (Jiang et al., ICLR 2022, "Churn reduction via distillation") trains today's model
+with an extra term pulling it toward yesterday's model, ``λ · ψ(p_anchor, z)``: the distillation form of an
+explicit constraint on churn against the version it replaces. The same mechanism with any trained run is
+offline (two-phase) distillation, which Anil et al. compare codistillation against.
+
+The teacher is read, never written: its latest intact checkpoint is verified (manifest, sizes, sha256),
+loaded through :mod:`recsys_codistill.dcp_io` (nothing that can run code), into a frozen copy built from the
+teacher run's own config (it may be another architecture). Its input mapping (vocabulary, table sizes,
+dense buckets) must equal the student's, since both read the same batches: otherwise it is refused with the
+differing keys named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recsys_codistill import dcp_io, dist
+from recsys_codistill.config import RunConfig, load_config
+from recsys_codistill.run_dir import RunDir
+
+
+def teacher_checkpoint(run_dir: str | Path, group: int, what: str) -> Path:
+    """The latest intact checkpoint of ``group`` of a trained run; a clear error when there is none."""
+    from recsys_codistill.train.checkpoint import latest_checkpoint
+
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise dist.FatalError(f"{what} = {run_dir}: not a run directory (no {run.config.name})")
+    path = latest_checkpoint(run.checkpoints(group))
+    if path is None:
+        raise dist.FatalError(
+            f"{what} = {run_dir}: group {group} has no intact checkpoint under {run.checkpoints(group)}"
+        )
+    return path
+
+
+class FixedTeacher:
+    """A :class:`~recsys_codistill.codistill.exchange.TeacherSource` serving one trained run's logits."""
+
+    def __init__(
+        self,
+        name: str,
+        run_dir: str | Path,
+        group: int,
+        weight: float,
+        loss: str,
+        inputs: Any,
+        build: Callable[[RunConfig], nn.Module],
+    ) -> None:
+        from recsys_codistill.train.checkpoint import ModelState, TrainState, check_inputs
+
+        self.name, self.weight, self.loss = name, weight, loss
+        self.path = teacher_checkpoint(run_dir, group, f"{name}.run")
+        try:
+            check_inputs(self.path, inputs)
+        except ValueError as e:
+            raise dist.FatalError(f"{name}.run: {e}") from e
+        self.model = build(load_config(RunDir(run_dir).config))
+        self.model.eval()
+        for p in self.model.parameters():
+            if p.is_leaf:
+                p.requires_grad_(False)
+        train = TrainState()
+        dcp_io.load({"model": ModelState(self.model), "train": train}, self.path)
+        self.step = train.step
+        self.forwards = 0
+
+    def start(self, model: nn.Module, step: int) -> None:
+        pass
+
+    @torch.no_grad()
+    def logits(self, batch: Any, step: int) -> list[torch.Tensor]:
+        if self.weight == 0.0:
+            return []  # λ = 0: no forward, the run is the plain baseline
+        self.forwards += 1
+        return [self.model(batch.dense_features, batch.sparse_features).float()]
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def on_checkpoint(self, step: int) -> None:
+        pass
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        return {f"{self.name}_checkpoint": str(self.path), f"{self.name}_forwards": self.forwards}
