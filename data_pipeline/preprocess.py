@@ -115,6 +115,23 @@ DEFAULT_MAX_REJECT_FRACTION = 0.5
 REJECTS_NAME = "rejects.jsonl"
 PART_PATTERN = "part-{:05d}.parquet"
 SPLIT_DIRS = ("train", "valid")
+#: ``ingest(days=N)``: out_dir/day00 ... day{N-1}, equal row counts in row_id (= file = time) order.
+MAX_DAYS = 100
+
+
+def day_dir(day: int) -> str:
+    return f"day{day:02d}"
+
+
+def day_dirs(days: int) -> list[str]:
+    return [day_dir(d) for d in range(days)]
+
+
+def day_cuts(total_rows: int, days: int) -> list[int]:
+    """The first row_id of days 1..N-1: day d holds row ids [c_d, c_{d+1}) with c_d = floor(d n / N + 1/2)
+    (integer arithmetic: the same cut on every machine)."""
+    return [(2 * d * total_rows + days) // (2 * days) for d in range(1, days)]
+
 
 # How many parsed chunks may wait for conversion, and converted chunks for the writer (bounds memory).
 _QUEUE_DEPTH = 2
@@ -381,15 +398,19 @@ class _Sink:
         seed: int,
         rows_per_file: int,
         row_group_size: int,
+        days: int = 0,
     ) -> None:
         self.root = root
         self.valid_fraction = valid_fraction
-        self.split = split if valid_fraction > 0 else None
+        self.split = "days" if days > 1 else split if valid_fraction > 0 else None
+        self.days = days
         self.seed = seed
         self.rows_per_file = rows_per_file
         self.row_group_size = row_group_size
         if self.split is None:
             self.writers = {"": _ShardWriter(root, rows_per_file, row_group_size)}
+        elif self.split == "days":  # everything into the first day, re-split at the end (like "time")
+            self.writers = {day_dir(0): _ShardWriter(root / day_dir(0), rows_per_file, row_group_size)}
         else:
             self.writers = {
                 name: _ShardWriter(root / name, rows_per_file, row_group_size) for name in SPLIT_DIRS
@@ -404,18 +425,27 @@ class _Sink:
             self.writers["valid"].write(table.filter(pa.array(is_valid)))
         elif self.split == "time":
             self.writers["train"].write(table)
+        elif self.split == "days":
+            self.writers[day_dir(0)].write(table)
         else:
             self.writers[""].write(table)
 
     def close(self, total_rows: int) -> dict[str, list[_FileStats]]:
         files = {name: writer.close() for name, writer in self.writers.items()}
         if self.split == "time":
-            files = self._finish_time_split(files["train"], total_rows)
+            n_train = total_rows - round(self.valid_fraction * total_rows)
+            files = self._resplit(files["train"], [n_train], list(SPLIT_DIRS))
+        elif self.split == "days":
+            files = self._resplit(files[day_dir(0)], day_cuts(total_rows, self.days), day_dirs(self.days))
         return files
 
-    def _finish_time_split(self, written: list[_FileStats], total_rows: int) -> dict[str, list[_FileStats]]:
-        n_train = total_rows - round(self.valid_fraction * total_rows)
-        keep = [f for f in written if f.last_row_id is not None and f.last_row_id < n_train]
+    def _resplit(
+        self, written: list[_FileStats], cuts: list[int], names: list[str]
+    ) -> dict[str, list[_FileStats]]:
+        """Route every row by row_id to segment ``searchsorted(cuts, row_id, 'right')``: the files wholly
+        before the first cut stay, the rest are re-read and re-written into their segments."""
+        first = cuts[0]
+        keep = [f for f in written if f.last_row_id is not None and f.last_row_id < first]
         redo = written[len(keep) :]
         # Move the files to re-split out of the way: the train writer re-creates the first one's name.
         scratch = self.root / "_resplit"
@@ -425,19 +455,27 @@ class _Sink:
             target = scratch / f.path.name
             os.replace(f.path, target)
             moved.append(target)
-        train = _ShardWriter(
-            self.root / "train", self.rows_per_file, self.row_group_size, first_index=len(keep)
-        )
-        valid = _ShardWriter(self.root / "valid", self.rows_per_file, self.row_group_size)
+        writers = [
+            _ShardWriter(
+                self.root / name,
+                self.rows_per_file,
+                self.row_group_size,
+                first_index=len(keep) if i == 0 else 0,
+            )
+            for i, name in enumerate(names)
+        ]
+        edges = np.asarray(cuts, dtype=np.int64)
         for path in moved:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=self.row_group_size):
                 table = pa.Table.from_batches([batch]).cast(_SCHEMA)
-                in_valid = pc.greater_equal(table.column(ROW_ID_COLUMN), n_train)
-                train.write(table.filter(pc.invert(in_valid)))
-                valid.write(table.filter(in_valid))
+                segment = np.searchsorted(edges, table.column(ROW_ID_COLUMN).to_numpy(), side="right")
+                for i, w in enumerate(writers):
+                    w.write(table.filter(pa.array(segment == i)))
             path.unlink()
         scratch.rmdir()
-        return {"train": keep + train.close(), "valid": valid.close()}
+        out = {name: w.close() for name, w in zip(names, writers, strict=True)}
+        out[names[0]] = keep + out[names[0]]
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -508,6 +546,7 @@ def ingest(
     overwrite: bool = False,
     max_reject_fraction: float = DEFAULT_MAX_REJECT_FRACTION,
     progress: bool = True,
+    days: int = 0,
 ) -> dict:
     """Ingest Criteo TSV/CSV inputs (plain or gzip, concatenated in the given order) into Parquet shards
     under ``out_dir``; returns the manifest (also written to ``out_dir/manifest.json``).
@@ -533,6 +572,13 @@ def ingest(
         raise ValueError("rows_per_file and row_group_size must be positive")
     if not 0.0 <= max_reject_fraction <= 1.0:  # also refuses nan
         raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_reject_fraction}")
+    if days and not 2 <= days <= MAX_DAYS:
+        raise ValueError(f"days must be 0 (no day split) or in [2, {MAX_DAYS}], got {days}")
+    if days and valid_fraction > 0:
+        raise ValueError(
+            f"days = {days} and valid_fraction = {valid_fraction}: a day split has no separate hold-out "
+            "(each day is the next one's hold-out); use one or the other"
+        )
 
     # One spelling of the output for every check, the temp dir and the rename: the real path of its parent
     # plus its own name. Checking one spelling and renaming another (``link/../x`` is ``x`` to
@@ -568,6 +614,7 @@ def ingest(
                 row_group_size=row_group_size,
                 max_reject_fraction=max_reject_fraction,
                 progress=progress,
+                days=days,
             )
             _write_marker(tmp, temporary=False)  # no pid or host: a re-run stays byte-identical
             _publish(tmp, out, overwrite, inputs)
@@ -657,7 +704,8 @@ def _why_protected(out: Path, inputs: Sequence[str | Path]) -> str | None:
 
 def _foreign_entries(directory: Path, manifest: dict[str, Any] | None, limit: int = 5) -> list[str]:
     """Up to `limit` entries of directory (relative paths) that an ingest does not write."""
-    known_dirs = set(SPLIT_DIRS) if manifest and manifest.get("split") else set()
+    split = manifest.get("split") if manifest else None
+    known_dirs = set(split.get("dirs", SPLIT_DIRS)) if isinstance(split, dict) else set()
     known = {MANIFEST_NAME, REJECTS_NAME, MARKER_NAME, *(f"{d}/{MANIFEST_NAME}" for d in known_dirs)}
     files = manifest.get("files") if manifest else None
     for entry in files if isinstance(files, list) else []:
@@ -858,8 +906,9 @@ def _ingest_into(
     row_group_size: int,
     max_reject_fraction: float,
     progress: bool,
+    days: int = 0,
 ) -> dict[str, Any]:
-    sink = _Sink(root, valid_fraction, split, seed, rows_per_file, row_group_size)
+    sink = _Sink(root, valid_fraction, split, seed, rows_per_file, row_group_size, days)
     writer = _WriteBehind()
     counts: list[_SourceCount] = []
     next_row_id = 0
@@ -910,7 +959,7 @@ def _ingest_into(
         writer.shutdown()
         bar.close()
     return _write_manifests(
-        root, counts, files, labelled, valid_fraction, split, seed, rows_per_file, row_group_size
+        root, counts, files, labelled, valid_fraction, split, seed, rows_per_file, row_group_size, days
     )
 
 
@@ -954,6 +1003,7 @@ def _write_manifests(
     seed: int,
     rows_per_file: int,
     row_group_size: int,
+    days: int = 0,
 ) -> dict[str, Any]:
     all_files = [f for name in sorted(files) for f in files[name]]
     rows_in = sum(c.rows_in for c in counts)
@@ -972,25 +1022,37 @@ def _write_manifests(
         "labelled": labelled,
     }
     split_info: dict[str, Any] | None = None
-    if valid_fraction > 0:
+    parts: Sequence[str] = ()
+    if days > 1:
+        parts = day_dirs(days)
+        split_info = {
+            "method": "days",
+            "days": days,
+            "dirs": list(parts),
+            "rule": "day d = row ids [floor(d rows / days + 1/2), floor((d + 1) rows / days + 1/2)) in row_id order",
+        }
+    elif valid_fraction > 0:
+        parts = SPLIT_DIRS
         split_info = {"method": split, "valid_fraction": valid_fraction}
         if split == "hash":
             split_info["seed"] = seed
             split_info["rule"] = "hash_split_is_valid(row_id, valid_fraction, seed) -> valid"
         else:
             split_info["rule"] = "the last round(valid_fraction * rows) rows by row_id -> valid"
-        for name in SPLIT_DIRS:
+    if split_info is not None:
+        for name in parts:
             part = files[name]
             if not part:
                 warnings.warn(
-                    f"the {name} split is empty ({rows_ok} rows, valid_fraction={valid_fraction}, {split} split)",
+                    f"the {name} split is empty ({rows_ok} rows, valid_fraction={valid_fraction}, days={days}, "
+                    f"{split_info['method']} split)",
                     stacklevel=3,
                 )
             split_info[name] = {"dir": name, "rows": sum(f.rows for f in part), "files": len(part)}
             sub = {
                 **common,
                 "split": name,
-                "split_info": {k: v for k, v in split_info.items() if k not in SPLIT_DIRS},
+                "split_info": {k: v for k, v in split_info.items() if k not in parts},
                 **_summary(part, labelled),
                 "files": [f.describe(root / name) for f in part],
                 "parent": f"../{MANIFEST_NAME}",

@@ -34,6 +34,7 @@ def _cmd_ingest(a: argparse.Namespace) -> int:
             overwrite=a.overwrite,
             max_reject_fraction=a.max_reject_fraction,
             progress=True,
+            days=a.days,
         )
     except IngestError as e:  # the same message with options spelled as this command's flags
         raise IngestError(e.cli_message) from e
@@ -172,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--valid-fraction", type=float, default=0.0, help="hold out this fraction as valid/")
     s.add_argument("--split", choices=["time", "hash"], default="time", help="time = last rows in file order")
     s.add_argument("--seed", type=int, default=0, help="seed of the hash split")
+    s.add_argument(
+        "--days",
+        type=int,
+        default=0,
+        help="split into day00..dayNN of equal row counts in file (= time) order, for daily retrains",
+    )
     s.add_argument("--rows-per-file", type=int, default=1_000_000)
     s.add_argument("--row-group-size", type=int, default=8192)
     s.add_argument(

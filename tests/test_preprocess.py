@@ -508,6 +508,46 @@ def test_empty_split_warns(tmp_path: Path) -> None:
     assert m["split"]["valid"]["rows"] == 0 and m["split"]["train"]["rows"] == 2
 
 
+@pytest.mark.parametrize("days, rows_per_file", [(7, 20), (3, 1000), (2, 7)])
+def test_day_split_partitions_the_rows_in_time_order(tmp_path: Path, days: int, rows_per_file: int) -> None:
+    from data_pipeline.manifest import data_files
+    from data_pipeline.preprocess import day_cuts
+
+    src = write(tmp_path / "in.tsv", lines(103))
+    out = tmp_path / "out"
+    m = run([src], out, days=days, rows_per_file=rows_per_file, row_group_size=6)
+    assert m["split"]["method"] == "days" and m["split"]["dirs"] == [f"day{d:02d}" for d in range(days)]
+    ids = [read_table(out / f"day{d:02d}").column("row_id").to_pylist() for d in range(days)]
+    # contiguous, in order, covering every row once, of equal sizes (± 1)
+    assert sum(ids, []) == list(range(103))
+    assert max(map(len, ids)) - min(map(len, ids)) <= 1
+    assert [x[0] for x in ids[1:]] == day_cuts(103, days)
+    for d in range(days):
+        sub = json.loads((out / f"day{d:02d}" / "manifest.json").read_text())
+        assert (
+            sub["rows"] == len(ids[d]) == m["split"][f"day{d:02d}"]["rows"] and sub["split"] == f"day{d:02d}"
+        )
+        assert [p.name for p in data_files(out / f"day{d:02d}")] == sorted(
+            p.name for p in (out / f"day{d:02d}").glob("*.parquet")
+        )
+    assert not (out / "_resplit").exists() and not list(out.glob("*.parquet"))
+    # rows keep their values; a re-run is byte-identical; overwrite replaces a day-split data set
+    full = {r["row_id"]: r for d in range(days) for r in read_table(out / f"day{d:02d}").to_pylist()}
+    assert [full[i]["C2"] for i in range(103)] == [int(row(i).split("\t")[15], 16) for i in range(103)]
+    again = run([src], tmp_path / "again", days=days, rows_per_file=rows_per_file, row_group_size=6)
+    assert again == m
+    run([src], out, days=days, rows_per_file=rows_per_file, row_group_size=6, overwrite=True)
+
+
+def test_day_split_options_are_checked(tmp_path: Path) -> None:
+    src = write(tmp_path / "in.tsv", lines(10))
+    with pytest.raises(ValueError, match="each day is the next one's hold-out"):
+        run([src], tmp_path / "a", days=3, valid_fraction=0.2)
+    with pytest.raises(ValueError, match=r"days must be 0 \(no day split\) or in \[2, 100\], got 1"):
+        run([src], tmp_path / "b", days=1)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_hash_split_depends_on_seed() -> None:
     ids = np.arange(10_000)
     a, b = hash_split_is_valid(ids, 0.2, 0), hash_split_is_valid(ids, 0.2, 1)
