@@ -92,7 +92,8 @@ class CriteoStream(IterableDataset):
     """Fixed-size :class:`RowBatch` es from ingested Parquet for one worker ``(group, rank)``.
 
     Args:
-        data_dir: directory with ``manifest.json`` and the Parquet files it lists.
+        data_dir: directory with ``manifest.json`` and the Parquet files it lists, or several such
+            directories, read in order as one data set (a window of days).
         batch_size: rows per batch *per rank*.
         table_sizes: 26 embedding table sizes (C1..C26); row 0 of each is reserved for missing ids.
         group, num_groups: this worker's co-distilling group and the number of groups.
@@ -120,7 +121,7 @@ class CriteoStream(IterableDataset):
 
     def __init__(
         self,
-        data_dir: str | Path,
+        data_dir: str | Path | Sequence[str | Path],
         *,
         batch_size: int,
         table_sizes: Sequence[int],
@@ -150,7 +151,11 @@ class CriteoStream(IterableDataset):
             raise ValueError(f"id_mapping must be 'mod' or 'hash', got {id_mapping!r}")
         check_table_sizes(table_sizes, vocab)
         check_dense_buckets(dense_buckets)
-        self.data_dir = Path(data_dir)
+        dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
+        if not dirs:
+            raise DatasetError("no data directory given")
+        self.data_dirs = dirs
+        self.where = ", ".join(str(d) for d in dirs)  # for messages
         self.batch_size = int(batch_size)
         self.table_sizes = tuple(int(s) for s in table_sizes)
         self.group, self.num_groups = int(group), int(num_groups)
@@ -168,11 +173,13 @@ class CriteoStream(IterableDataset):
         self.dense_buckets = int(dense_buckets)
         self.vocab = vocab
 
-        manifest_path, files = read_manifest(self.data_dir)
-        self._paths = [self.data_dir / f["path"] for f in files]
+        # several directories are one data set: their files in the given order (a window of days)
+        listed = [(d, *read_manifest(d)) for d in dirs]
+        entries = [(d / f["path"], manifest_path, f) for d, manifest_path, files in listed for f in files]
+        self._paths = [path for path, _, _ in entries]
         row_groups: list[RowGroup] = []
         offset = 0
-        for i, (path, entry) in enumerate(zip(self._paths, files, strict=True)):
+        for i, (path, manifest_path, entry) in enumerate(entries):
             meta = _open_checked(path, manifest_path, entry["rows"]).metadata
             for k in range(meta.num_row_groups):
                 n = meta.row_group(k).num_rows
@@ -194,7 +201,7 @@ class CriteoStream(IterableDataset):
             self.rows_dropped_at_end = self.epochs * self.epoch_rows - self._num_batches * B
             if self._num_batches == 0:
                 raise DatasetError(
-                    f"{self.data_dir}: worker (group {group}, rank {rank}) would get no full batch: the "
+                    f"{self.where}: worker (group {group}, rank {rank}) would get no full batch: the "
                     f"smallest of {len(counts)} workers has {self.epoch_rows} rows per epoch "
                     f"({len(self._all_row_groups)} row groups) for batch_size {B} x {epochs} epochs"
                 )

@@ -126,15 +126,18 @@ def count_ids(files: Sequence[str | Path]) -> tuple[dict[str, tuple[np.ndarray, 
     return counts, rows
 
 
-def build(data_dir: str | Path, min_count: int) -> IdVocabulary:
-    """Count every categorical id in the ingested data set ``data_dir`` and keep those seen ``min_count``+ times."""
-    data_dir = Path(data_dir)
-    manifest = data_dir / MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} not found: is {data_dir} an ingested data directory?")
-    files = data_files(data_dir)  # every entry checked: none may lead outside data_dir
+def build(data_dir: str | Path | Sequence[str | Path], min_count: int) -> IdVocabulary:
+    """Count every categorical id in the ingested data set ``data_dir`` (or several, as one) and keep
+    those seen ``min_count``+ times."""
+    dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
+    files = []
+    for d in dirs:
+        manifest = d / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest} not found: is {d} an ingested data directory?")
+        files += data_files(d)  # every entry checked: none may lead outside its directory
     counts, rows = count_ids(files)
-    return from_counts(counts, min_count, source=str(data_dir), rows_counted=rows)
+    return from_counts(counts, min_count, source=", ".join(str(d) for d in dirs), rows_counted=rows)
 
 
 def from_counts(

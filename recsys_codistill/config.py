@@ -109,7 +109,9 @@ def ranged(
 class DataConfig:
     """Where the ingested Parquet lives and how batches are drawn from it."""
 
-    train_dir: str = ""
+    # One ingested directory, or several read in order as one data set (a window of days: the vocabulary,
+    # the row groups and the shuffling span all of them).
+    train_dir: str | tuple[str, ...] = ""
     valid_dir: str = ""
     # Global batch of one group; each of its `nproc` ranks gets batch_size / nproc rows per step.
     batch_size: int = ranged(2048, ge=1)
@@ -124,6 +126,12 @@ class DataConfig:
     min_id_count: int = ranged(0, ge=1, zero="off")
     # Cap on validation rows used for in-training evaluation (0 = all).
     valid_max_rows: int = ranged(0, ge=1, zero="all rows")
+
+    @property
+    def train_dirs(self) -> tuple[str, ...]:
+        """``train_dir`` as a tuple of directories (empty when unset)."""
+        dirs = (self.train_dir,) if isinstance(self.train_dir, str) else self.train_dir
+        return tuple(d for d in dirs if d)
 
 
 @dataclass(frozen=True)

@@ -370,3 +370,23 @@ def test_dense_buckets_ride_as_13_more_sparse_keys(tiny_parquet: Path) -> None:
     batches = list(_stream(tiny_parquet, dense_buckets=16, shuffle=False, drop_last=False, batch_size=16))
     assert all(x.sparse_features.keys()[-1] == "I13_bucket" for x in batches)
     assert batches[-1].sparse_features.values().numel() == 39 * 16
+
+
+def test_several_directories_are_one_data_set_in_order(tmp_path: Path) -> None:
+    # Two "days" whose row ids continue (like ingest --days): read in order without shuffling, they are
+    # the rows of day 0 then day 1; shuffled, every row of both once per epoch.
+    from tests.conftest import write_tiny_parquet
+
+    a = write_tiny_parquet(tmp_path / "day00", rows_per_file=(12, 9), row_group_size=5, seed=1)
+    b = write_tiny_parquet(tmp_path / "day01", rows_per_file=(14,), row_group_size=5, seed=2)
+    ids = lambda s: [r for ids in _row_ids(list(s)) for r in ids if r >= 0]  # noqa: E731 (-1: padding)
+    plain_a = ids(_stream(a, shuffle=False, drop_last=False, batch_size=4))
+    plain_b = ids(_stream(b, shuffle=False, drop_last=False, batch_size=4))
+    both = _stream([a, b], shuffle=False, drop_last=False, batch_size=4)
+    assert both.total_rows == 35 and ids(both) == plain_a + plain_b
+    shuffled = _stream([a, b], batch_size=5, seed=3)
+    assert sorted(ids(shuffled)) == sorted(plain_a + plain_b)
+    with pytest.raises(DatasetError, match="no data directory"):
+        _stream([])
+    with pytest.raises(DatasetError, match="day02"):
+        _stream([a, tmp_path / "day02"])

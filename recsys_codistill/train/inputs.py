@@ -35,7 +35,7 @@ def prepare_vocab(cfg: RunConfig, *, fresh: bool) -> IdVocabulary | None:
         if cfg.data.min_id_count == 0:
             path.unlink(missing_ok=True)
             return None
-        vocab = vocab_lib.build(cfg.data.train_dir, cfg.data.min_id_count)
+        vocab = vocab_lib.build(cfg.data.train_dirs, cfg.data.min_id_count)
         vocab.save(path)
         return vocab
     if cfg.data.min_id_count == 0:

@@ -43,7 +43,7 @@ def training_steps(cfg: RunConfig) -> tuple[int, int]:
     from data_pipeline.loader import CriteoStream
 
     stream = CriteoStream(
-        cfg.data.train_dir,
+        cfg.data.train_dirs,
         batch_size=cfg.data.batch_size // (cfg.sharding.nproc * cfg.sharding.nnodes),
         table_sizes=cfg.model.resolved_table_sizes(),
         num_groups=cfg.codistill.num_groups,
@@ -74,7 +74,7 @@ def preflight(cfg: RunConfig) -> None:
     """Checks that would otherwise fail late, once per rank, inside torchrun."""
     from data_pipeline.loader import CriteoStream
 
-    if not cfg.data.train_dir:
+    if not cfg.data.train_dirs:
         raise ConfigError(
             "data.train_dir is not set (an ingested Parquet directory, see `recsys-codistill ingest`)"
         )
@@ -107,7 +107,8 @@ def check_exchange_dir(cfg: RunConfig) -> Path:
     from recsys_codistill.codistill.exchange import ROOT_MARKER, root_owner
 
     root = RunDir(cfg.run_dir).exchange(cfg.codistill.exchange_dir)
-    data = {"data.train_dir": cfg.data.train_dir, "data.valid_dir": cfg.data.valid_dir}
+    data = {f"data.train_dir {d}": d for d in cfg.data.train_dirs}
+    data["data.valid_dir"] = cfg.data.valid_dir
     try:
         resolved = atomic.check_not_protected(
             root, "codistill.exchange_dir", {"the run directory": cfg.run_dir, **data}

@@ -92,7 +92,7 @@ def build_sharded(
 
 def train_stream(cfg: RunConfig, group: int, ctx: DistContext, inputs: InputMapping) -> CriteoStream:
     return CriteoStream(
-        cfg.data.train_dir,
+        cfg.data.train_dirs,
         batch_size=cfg.data.batch_size // ctx.world_size,
         **inputs.stream_options(),
         group=group,
