@@ -137,6 +137,14 @@ class SyntheticParams:
     base_rate: float = 0.25
     # Seed of the world (ids, effects, intercept). None: the data seed passed to generate().
     world_seed: int | None = None
+    # Time structure (daily retrains): rows are split into `days` equal days in row order (the cut of
+    # ingest --days). From one day to the next every id's (and cross's) effect takes a random-walk step of
+    # sd drift * its feature's effect sd, and the popularity ranking slides by id_turnover * cardinality
+    # ids: new ids become the popular ones while old ones fade (an id keeps its effect as it fades).
+    # days = 1 (or drift = turnover = 0) is the stationary world, row for row.
+    days: int = 1
+    drift: float = 0.0
+    id_turnover: float = 0.0
 
     def __post_init__(self) -> None:
         def need(name: str, n: int) -> None:
@@ -168,6 +176,10 @@ class SyntheticParams:
         for a, b in self.interactions:
             if a not in SPARSE_COLUMNS or b not in SPARSE_COLUMNS or a == b:
                 raise ValueError(f"SyntheticParams.interactions: bad pair ({a!r}, {b!r})")
+        if not 1 <= self.days <= 100:
+            raise ValueError(f"SyntheticParams.days must lie in [1, 100], got {self.days}")
+        if not (0.0 <= self.drift <= 10.0 and 0.0 <= self.id_turnover <= 1.0):
+            raise ValueError("SyntheticParams.drift must lie in [0, 10] and id_turnover in [0, 1]")
 
     def zipf_exponents(self) -> tuple[float, ...]:
         z = self.zipf_exponent
@@ -286,8 +298,23 @@ class _World:
         pilot = self.chunk(np.random.default_rng([world_seed, 0x5EED_0002]), _PILOT_ROWS, with_labels=False)
         self.intercept = _calibrate_intercept(pilot.logit, params.base_rate)
 
-    def chunk(self, rng: np.random.Generator, n: int, with_labels: bool = True) -> _Chunk:
-        """Draw ``n`` rows. The order of RNG draws below is part of the data definition."""
+    def _drift(self, keys: np.ndarray, day: np.ndarray | None, salt: int) -> np.ndarray:
+        """The random-walk part of an effect on each row's day: the sum of ``day`` unit steps, each a
+        hashed Gaussian of (key, step); 0 on day 0 or without drift."""
+        out = np.zeros(keys.shape, dtype=np.float64)
+        if day is None or self.p.drift == 0.0:
+            return out
+        for k in range(1, int(day.max(initial=0)) + 1):
+            with np.errstate(over="ignore"):
+                step = _hash_gauss(mix64(keys ^ np.uint64((salt * 1_000_003 + k) % 2**63)))
+            out += np.where(day >= k, step, 0.0)
+        return self.p.drift * out
+
+    def chunk(
+        self, rng: np.random.Generator, n: int, with_labels: bool = True, day: np.ndarray | None = None
+    ) -> _Chunk:
+        """Draw ``n`` rows (of days ``day``, an int array; None: day 0). The order of RNG draws below is
+        part of the data definition."""
         p = self.p
         latent = rng.standard_normal(n)
         rho = p.dense_latent_corr
@@ -318,11 +345,14 @@ class _World:
             else:
                 ranks[f] = np.searchsorted(self.cdfs[f], cat_u[f], side="right")
             np.minimum(ranks[f], p.cardinalities[f] - 1, out=ranks[f])  # guards u == cdf[-1] rounding
+            if day is not None and p.id_turnover > 0:
+                # the popularity ranking slides over the id space: rank r on day d is id index r + d * shift
+                ranks[f] += day * round(p.id_turnover * p.cardinalities[f])
             cat_valid[f] = nulls[self.null_draw_of[NUM_DENSE + f]] >= p.cat_null_rate[f]
             ids[f] = _rank_to_id(ranks[f], self.id_mult[f], self.id_salt[f])
             with np.errstate(over="ignore"):
                 keys = self.effect_salt[f] + ranks[f].astype(np.uint64)
-            e = p.id_effect_std[f] * _hash_gauss(keys)
+            e = p.id_effect_std[f] * (_hash_gauss(keys) + self._drift(keys, day, f))
             logit += np.where(cat_valid[f], e, self.cat_missing_effect[f])
         for k, (a, b) in enumerate(self.pairs):
             with np.errstate(over="ignore"):
@@ -330,7 +360,7 @@ class _World:
                     np.uint64
                 )
                 keys = mix64(cross ^ self.effect_salt[NUM_SPARSE + k])
-            e = p.interaction_effect_std * _hash_gauss(keys)
+            e = p.interaction_effect_std * (_hash_gauss(keys) + self._drift(keys, day, NUM_SPARSE + k))
             logit += np.where(cat_valid[a] & cat_valid[b], e, 0.0)
 
         prob = 1.0 / (1.0 + np.exp(-logit))
@@ -350,11 +380,22 @@ def _calibrate_intercept(logit_wo: np.ndarray, base_rate: float) -> float:
     return 0.5 * (lo + hi)
 
 
+def day_of_rows(first: int, n: int, rows: int, days: int) -> np.ndarray:
+    """Day of rows [first, first + n) of ``rows``: the cut of ``ingest --days`` (equal days, row order)."""
+    if days <= 1:
+        return np.zeros(n, dtype=np.int64)
+    cuts = np.array([(2 * d * rows + days) // (2 * days) for d in range(1, days)], dtype=np.int64)
+    return np.searchsorted(cuts, np.arange(first, first + n, dtype=np.int64), side="right")
+
+
 def _chunks(world: _World, seed: int, rows: int):
-    """Yield (first_row, chunk) covering rows [0, rows); the last full chunk is sliced (prefix property)."""
+    """Yield (first_row, chunk) covering rows [0, rows); the last full chunk is sliced (prefix property,
+    for a stationary world: with days > 1 a row's day depends on ``rows``)."""
+    days = world.p.days
     for k in range(0, (rows + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-        c = world.chunk(np.random.default_rng([seed, 0xDA7A, k]), _CHUNK_ROWS)
         start = k * _CHUNK_ROWS
+        day = day_of_rows(start, _CHUNK_ROWS, rows, days) if days > 1 else None
+        c = world.chunk(np.random.default_rng([seed, 0xDA7A, k]), _CHUNK_ROWS, day=day)
         yield start, c.slice(0, min(_CHUNK_ROWS, rows - start))
 
 

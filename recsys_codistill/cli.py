@@ -9,9 +9,10 @@ from collections.abc import Sequence
 
 
 def _cmd_synth(a: argparse.Namespace) -> int:
-    from data_pipeline.synthetic import generate
+    from data_pipeline.synthetic import SyntheticParams, generate
 
-    summary = generate(a.out, a.rows, a.seed, num_files=a.files, progress=True)
+    params = SyntheticParams(days=a.days, drift=a.drift, id_turnover=a.id_turnover)
+    summary = generate(a.out, a.rows, a.seed, num_files=a.files, params=params, progress=True)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=2))
     return 0
 
@@ -165,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--files", type=int, default=1, help="number of .tsv.gz files")
+    s.add_argument("--days", type=int, default=1, help="equal days in row order (ingest --days cuts alike)")
+    s.add_argument(
+        "--drift", type=float, default=0.0, help="daily random-walk step of every id effect, in effect sds"
+    )
+    s.add_argument(
+        "--id-turnover",
+        type=float,
+        default=0.0,
+        help="share of each vocabulary by which the popular ids slide per day (new ids appear, old fade)",
+    )
     s.set_defaults(fn=_cmd_synth)
 
     s = sub.add_parser("ingest", help="Criteo TSV/.gz/CSV -> Parquet shards + manifest + rejects")

@@ -174,3 +174,34 @@ def test_params_validation() -> None:
         synthetic.SyntheticParams(interactions=(("C1", "C99"),))
     with pytest.raises(ValueError, match="null_groups"):
         synthetic.SyntheticParams(null_groups=(("I1", "I1"),))
+
+
+def test_daily_drift_is_deterministic_and_moves_effects_and_ids_between_days(tmp_path):
+    from data_pipeline.synthetic import SyntheticParams, day_of_rows, generate_parquet
+
+    rows, days = 7_000, 7
+    drifting = SyntheticParams(days=days, drift=0.5, id_turnover=0.05)
+    a = generate_parquet(tmp_path / "a", rows, seed=3, params=drifting, row_group_size=1000)
+    b = generate_parquet(tmp_path / "b", rows, seed=3, params=drifting, row_group_size=1000)
+    generate_parquet(tmp_path / "c", rows, seed=3, row_group_size=1000)
+    ta, tb, tc = (pq.read_table(tmp_path / x / "truth.parquet") for x in "abc")
+    assert ta.equals(tb) and a["bayes_log_loss"] == b["bayes_log_loss"]  # deterministic for a seed
+    assert ta.num_rows == rows and ta["row_id"].to_pylist() == list(range(rows))  # truth covers every row
+    # the day cut is ingest --days's
+    from data_pipeline.preprocess import day_cuts
+
+    day = day_of_rows(0, rows, rows, days)
+    assert [int(np.argmax(day == d)) for d in range(1, days)] == day_cuts(rows, days)
+    # day 0 is the stationary world row for row; later days differ, more so the later the day
+    pa_, pc = ta["logit"].to_numpy(), tc["logit"].to_numpy()
+    assert np.array_equal(pa_[day == 0], pc[day == 0])
+    gap = [np.abs(pa_ - pc)[day == d].mean() for d in range(days)]
+    assert gap[0] == 0 and all(x < y for x, y in zip(gap[1:], gap[2:], strict=False)) and gap[1] > 0.05
+    # new ids: the C14 ids seen of day 0 and of day 6 differ when ids turn over
+    ids = pq.read_table(tmp_path / "a" / "part-00000.parquet", columns=["C14"])["C14"].to_numpy()
+    first, last = set(ids[day == 0].tolist()), set(ids[day == days - 1].tolist())
+    flat_ids = pq.read_table(tmp_path / "c" / "part-00000.parquet", columns=["C14"])["C14"].to_numpy()
+    flat_first, flat_last = set(flat_ids[day == 0].tolist()), set(flat_ids[day == days - 1].tolist())
+    assert len(first & last) / len(first) < 0.8 * len(flat_first & flat_last) / len(flat_first)
+    with pytest.raises(ValueError, match="days"):
+        SyntheticParams(days=0)
