@@ -147,6 +147,14 @@ def _cmd_study(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retrain(a: argparse.Namespace) -> int:
+    from recsys_codistill.study.retrain import run_retrain
+
+    report = run_retrain(a.config, overrides=a.set or [])
+    print(f"report: {report}")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from recsys_codistill.study.study import run_demo
 
@@ -215,9 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, helptext in (
         ("train", _cmd_train, "train one group, or num_groups co-distilling groups"),
         ("study", _cmd_study, "N retrains per method, all-pairs churn, verdicts; [study.sweep] regime map"),
+        ("retrain", _cmd_retrain, "simulate daily retrains: churn vs yesterday's model for each method"),
     ):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("--config", required=name == "study")
+        s.add_argument("--config", required=name in ("study", "retrain"))
         s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
         if name == "train":
             s.add_argument("--run-dir", help="shorthand for --set run_dir=...")

@@ -504,3 +504,121 @@ def _fmt3(r: dict[str, Any], key: str, pct: bool = False, sign: bool = False) ->
     return _est(
         {"value": r[key], "ci_low": r[f"{key}_ci_low"], "ci_high": r[f"{key}_ci_high"]}, pct=pct, sign=sign
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# retrain.md
+
+
+def _err(e: dict[str, Any]) -> list[list[float]] | None:
+    """matplotlib's asymmetric error bars of an estimate (None without an interval)."""
+    if e.get("ci_low") is None:
+        return None
+    return [[e["value"] - e["ci_low"]], [e["ci_high"] - e["value"]]]
+
+
+def write_retrain_report(root: Path, result: dict[str, Any], config_text: str) -> Path:
+    """``retrain.md``: per method the churn a launch sees and its quality, per version and summarised, and a
+    churn-vs-log-loss trade-off plot (one point per method and λ, with intervals over versions)."""
+    root = Path(root)
+    cfg = result["retrain"]
+    rows = result["rows"]
+    pct = 100 * cfg["confidence"]
+    lines = [
+        "# Daily retrains",
+        "",
+        f"{cfg['days']} days, training window {cfg['window']} days: version d trains on days d−{cfg['window'] - 1}..d "
+        f"and is evaluated on day d+1; {cfg['chains']} independent chains per method (different seeds). *Churn vs "
+        "previous* is mean |p_d − p_{d−1}| on day d+1 (what a launch sees; from the second version on), *churn vs "
+        "independent* the churn between the chains' version d (the paper's). Summaries: mean over versions with a "
+        f"{pct:.0f}% t interval over versions (versions share days, so read it as a guide); changes to `cold` are "
+        "paired version by version. Compute is per chain and version: examples trained on (copies x steps x "
+        "batch) and teacher forwards.",
+        "",
+    ]
+    body = []
+    for key, r in rows.items():
+        sm = r["summary"]
+        body.append(
+            [
+                key,
+                _est(sm["log_loss"]),
+                _est(sm["churn_vs_previous"]),
+                "—" if key == "cold" else _est(sm["churn_vs_previous_relative_to_cold"], pct=True),
+                "—" if key == "cold" else _est(sm["log_loss_vs_cold"], sign=True),
+                _est(sm["churn_vs_independent"]),
+                f"{sm['examples_per_version']:,.0f}",
+                f"{sm['teacher_forwards_per_version']:,.0f}",
+            ]
+        )
+    lines += _table(
+        [
+            "method",
+            "log loss",
+            "churn vs previous",
+            "vs cold",
+            "log loss vs cold",
+            "churn vs independent",
+            "examples / version",
+            "teacher forwards / version",
+        ],
+        [[("—" if x is None else x) for x in b] for b in body],
+    )
+    lines += ["", "## Per version", ""]
+    lines += _table(
+        [
+            "method",
+            "version",
+            "train days",
+            "eval day",
+            "log loss",
+            "AUC",
+            "calibration",
+            "churn vs previous",
+            "flips vs previous",
+            "churn vs independent",
+        ],
+        [
+            [
+                key,
+                str(x["version"]),
+                "-".join(str(k) for k in (x["train_days"][0], x["train_days"][-1])),
+                str(x["eval_day"]),
+                f"{x['log_loss']:.4f}",
+                f"{x['auc']:.4f}",
+                f"{x['calibration']:.3f}",
+                "—" if x["churn_vs_previous"] is None else f"{x['churn_vs_previous']:.4f}",
+                "—" if x["flip_vs_previous"] is None else f"{x['flip_vs_previous']:.4f}",
+                f"{x['churn_vs_independent']:.4f}",
+            ]
+            for key, r in rows.items()
+            for x in r["per_version"]
+        ],
+    )
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, r in rows.items():
+        c, ll = r["summary"]["churn_vs_previous"], r["summary"]["log_loss"]
+        if c["value"] is None:
+            continue
+        ax.errorbar(ll["value"], c["value"], xerr=_err(ll), yerr=_err(c), fmt="o", ms=4, lw=0.8)
+        ax.annotate(key, (ll["value"], c["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("log loss on the next day (mean over versions)")
+    ax.set_ylabel("churn vs the previous version")
+    ax.set_title("Daily retrains: launch churn vs quality (lower left is better)", fontsize=9)
+    made: list[str] = []
+    _save(fig, root, "retrain_tradeoff.png", made)
+    lines += [
+        "",
+        "![trade-off](retrain_tradeoff.png)",
+        "",
+        "## Config (as given)",
+        "",
+        "```toml",
+        config_text.strip(),
+        "```",
+        "",
+    ]
+    out = root / "retrain.md"
+    out.write_text("\n".join(lines))
+    return out

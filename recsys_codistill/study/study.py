@@ -385,10 +385,17 @@ def run_spec(study: StudyConfig, base: RunConfig, root: Path, cell: Cell, kind: 
         # a single model ignores codistillation settings: the same run serves every codistillation point
         d["codistill"] = to_dict(CodistillConfig())
     d["codistill"]["num_groups"] = 1 if kind == "baseline" else 2
-    d = to_dict(from_dict(d, f"<study run {kind} {index} of {cell.name}>"))  # typed: 1 and 1.0 hash alike
+    cfg = addressed(d, root / "runs", kind, f"<study run {kind} {index} of {cell.name}>")
+    return RunSpec(cfg, kind, index)  # type: ignore[arg-type]
+
+
+def addressed(d: dict[str, Any], runs_dir: Path, prefix: str, source: str) -> RunConfig:
+    """The run config ``d`` with its content address as run directory: ``runs_dir/<prefix>-<hash>``, the
+    hash of the typed config (so 1 and 1.0 address alike) without what only places or reports the run."""
+    d = to_dict(from_dict(d, source))
     key = hashlib.sha256(json.dumps(_canonical(d), sort_keys=True).encode()).hexdigest()[:12]
-    d["run_dir"] = str(root / "runs" / f"{kind}-{key}")
-    return RunSpec(from_dict(d, f"<study run {kind} {index} of {cell.name}>"), kind, index)  # type: ignore[arg-type]
+    d["run_dir"] = str(runs_dir / f"{prefix}-{key}")
+    return from_dict(d, source)
 
 
 def is_done(cfg: RunConfig) -> bool:
@@ -471,12 +478,12 @@ def train_run(r: RunSpec, progress: Progress, parallel: int) -> None:
     progress.finished(name, time.perf_counter() - t0, parallel)
 
 
-def run_predictions(cfg: RunConfig, valid: Path, group: int) -> dict[str, np.ndarray]:
-    """One copy's logits on the hold-out (cached next to the run)."""
+def run_predictions(cfg: RunConfig, valid: Path, group: int, name: str = "valid") -> dict[str, np.ndarray]:
+    """One copy's logits on a data set (the hold-out; cached next to the run as ``<name>_predictions``)."""
     from recsys_codistill.eval.predictions import write_predictions
     from recsys_codistill.train.predict import load_run, predict_logits
 
-    out = Path(cfg.run_dir) / f"valid_predictions_g{group}.parquet"
+    out = Path(cfg.run_dir) / f"{name}_predictions_g{group}.parquet"
     if not out.is_file():
         run_cfg, model, _ = load_run(cfg.run_dir, group)
         p = predict_logits(model, run_cfg, valid)
