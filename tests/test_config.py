@@ -86,7 +86,7 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
     for p in sorted(root.glob("*.toml")):
-        if p.name.startswith(("study", "regime")):
+        if p.name.startswith(("study", "regime", "retrain")):
             continue
         load_config(p)
 
@@ -315,3 +315,14 @@ def test_shipped_study_configs_load_their_run_configs():
     for p in studies:
         spec = load_spec(p)  # validates every point's single-model and codistillation run configs
         assert cells(spec)[0].name == "base"
+
+
+def test_shipped_retrain_configs_load():
+    from recsys_codistill.study.retrain import load_retrain, rows_of
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    shipped = sorted(root.glob("retrain*.toml"))
+    assert len(shipped) >= 2
+    for p in shipped:
+        cfg, _ = load_retrain(p)
+        assert rows_of(cfg)[0].key == "cold"
