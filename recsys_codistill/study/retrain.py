@@ -50,7 +50,15 @@ from recsys_codistill.config import (
     to_dict,
 )
 from recsys_codistill.eval.metrics import log_loss, roc_auc, sigmoid
-from recsys_codistill.study.study import Progress, addressed, is_done, row_ids, run_predictions, run_result
+from recsys_codistill.study.study import (
+    Progress,
+    addressed,
+    check_data_record,
+    is_done,
+    row_ids,
+    run_predictions,
+    run_result,
+)
 
 METHODS = ("cold", "warm", "anchor", "warm_anchor", "codistill", "ensemble", "smelu")
 
@@ -316,7 +324,12 @@ def run(cfg: RetrainConfig, base: RunConfig, config_text: str = "") -> Path:
     root = Path(cfg.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    # one data set per out_dir: refused when the data keys (or the days on disk) changed since
+    keys = ("data_dir", "inputs", "synthetic_rows", "synthetic_seed", "days", "drift", "id_turnover")
+    day_names = [day_dir(Path("."), k).name for k in range(cfg.days)]
+    check_data_record(cfg, root, keys=keys, subdirs=day_names)
     data = prepare_days(cfg, root)
+    check_data_record(cfg, root, data, keys=keys, subdirs=day_names)
     for d in versions(cfg):
         check_days(data, range(d - cfg.window + 1, d + 1), d + 1)
     runs = plan(cfg, base, root, data)

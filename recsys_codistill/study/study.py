@@ -298,12 +298,18 @@ def prepare_data(study: StudyConfig, root: Path) -> Path:
 _DATA_KEYS = ("data_dir", "inputs", "synthetic_rows", "synthetic_seed", "valid_fraction", "split", "seed")
 
 
-def check_data_record(study: StudyConfig, root: Path, data: Path | None = None) -> None:
+def check_data_record(
+    study: Any,
+    root: Path,
+    data: Path | None = None,
+    keys: Sequence[str] = _DATA_KEYS,
+    subdirs: Sequence[str] = ("train", "valid"),
+) -> None:
     """A study directory holds runs trained on one data set: ``data.json`` records the study keys that made
     it (and, once made, the sha256 of its manifests); a later invocation with other data keys, or whose data
     changed on disk, is refused instead of silently reusing runs trained on other rows."""
     path = root / "data.json"
-    want = {k: getattr(study, k) for k in _DATA_KEYS}
+    want = {k: getattr(study, k) for k in keys}
     want = json.loads(json.dumps(want))
     if data is not None:
         want["manifests"] = {
