@@ -313,16 +313,15 @@ def check_data_record(
     want = json.loads(json.dumps(want))
     if data is not None:
         want["manifests"] = {
-            sub: hashlib.sha256((data / sub / MANIFEST).read_bytes()).hexdigest()
-            for sub in ("train", "valid")
+            sub: hashlib.sha256((data / sub / MANIFEST).read_bytes()).hexdigest() for sub in subdirs
         }
     if path.is_file():
         have = json.loads(path.read_text())
         diff = [k for k in want if k in have and have[k] != want[k]]
         if diff:
             raise ConfigError(
-                f"study.out_dir {root} holds runs trained on other data ({', '.join(f'{k}: {have[k]!r} -> {want[k]!r}' for k in diff)}); "
-                "use another study.out_dir, or restore the settings"
+                f"output directory {root} holds runs trained on other data ({', '.join(f'{k}: {have[k]!r} -> {want[k]!r}' for k in diff)}); "
+                "use another output directory (study.out_dir / retrain.out_dir), or restore the settings"
             )
         want = {**have, **want}
     path.write_text(json.dumps(want, indent=1))
