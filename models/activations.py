@@ -56,7 +56,10 @@ def set_activation(model: nn.Module, activation: str, beta: float = 1.0) -> nn.M
     from torchrec.modules.mlp import Perceptron
 
     for module in list(model.modules()):
-        if isinstance(module, Perceptron):
+        # only ReLUs: an identity or sigmoid output activation stays what it is
+        if isinstance(module, Perceptron) and (
+            module._activation_fn is torch.relu or isinstance(module._activation_fn, nn.ReLU)
+        ):
             module._activation_fn = SmeLU(beta)
         for name, child in list(module.named_children()):
             if isinstance(child, nn.ReLU):

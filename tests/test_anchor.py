@@ -92,8 +92,9 @@ def test_warm_start_with_frozen_rates_predicts_exactly_like_its_source(data, yes
 
 @pytest.mark.parametrize("key", ["anchor.run", "train.init_from"])
 def test_a_teacher_with_another_input_mapping_is_refused_naming_the_keys(data, yesterday, tmp_path, key):
+    lam = ["anchor.weight=1.0"]  # an anchor with λ = 0 is not read at all
     cfg = tiny_config(
-        data, tmp_path / "r", f'{key}="{yesterday}"', "model.table_sizes=[500]", "train.max_steps=4"
+        data, tmp_path / "r", f'{key}="{yesterday}"', *lam, "model.table_sizes=[500]", "train.max_steps=4"
     )
     from recsys_codistill.train.launch import launch
 
@@ -101,4 +102,6 @@ def test_a_teacher_with_another_input_mapping_is_refused_naming_the_keys(data, y
         launch(cfg, quiet=True)
     assert not (tmp_path / "r" / "group0" / "checkpoints").exists()  # refused before any worker
     with pytest.raises(ConfigError, match=rf"{key} = .*not a run directory"):
-        launch(tiny_config(data, tmp_path / "r2", f'{key}="{tmp_path}"', "train.max_steps=4"), quiet=True)
+        launch(
+            tiny_config(data, tmp_path / "r2", f'{key}="{tmp_path}"', *lam, "train.max_steps=4"), quiet=True
+        )

@@ -18,7 +18,7 @@ window = 2
 chains = 2
 drift = 0.5
 id_turnover = 0.05
-methods = ["cold", "warm", "anchor", "ensemble"]
+methods = ["cold", "warm", "warm_incremental", "anchor", "ensemble"]
 anchor_weights = [2.0]
 
 [data]
@@ -42,17 +42,17 @@ def test_tiny_retrain_simulation_writes_its_report_and_resumes(tmp_path, capsys)
     report = run_retrain(cfg)
     out = tmp_path / "out"
     printed = capsys.readouterr().out
-    # 3 versions (1, 2, 3: windows of 2 days, each evaluated on the next); cold 6, warm and anchor 4 each
-    # (their first versions are the cold models), the ensemble's second members 6
-    assert "[retrain] 4 methods x 2 chains x 3 versions: 20 trainings (0 already finished)" in printed
-    assert printed.count("[study] finish") == 20
+    # 3 versions (1, 2, 3: windows of 2 days, each evaluated on the next); cold 6, warm, warm_incremental
+    # and anchor 4 each (their first versions are the cold models), the ensemble's second members 6
+    assert "[retrain] 5 methods x 2 chains x 3 versions: 24 trainings (0 already finished)" in printed
+    assert printed.count("[study] finish") == 24
     text = report.read_text()
     for needle in ("churn vs previous", "anchor[2]", "ensemble", "Per version", "retrain_tradeoff.png"):
         assert needle in text, needle
     assert (out / "retrain_tradeoff.png").stat().st_size > 1000
     result = json.loads((out / "retrain.json").read_text())
     rows = result["rows"]
-    assert set(rows) == {"cold", "warm", "anchor[2]", "ensemble"}
+    assert set(rows) == {"cold", "warm", "warm_incremental", "anchor[2]", "ensemble"}
     for r in rows.values():
         pv = r["per_version"]
         assert [x["version"] for x in pv] == [1, 2, 3] and [x["eval_day"] for x in pv] == [2, 3, 4]
@@ -64,15 +64,23 @@ def test_tiny_retrain_simulation_writes_its_report_and_resumes(tmp_path, capsys)
     cold_ex = rows["cold"]["per_version"][1]["examples"]
     assert rows["anchor[2]"]["per_version"][1]["teacher_forwards"] == cold_ex // 256
     assert rows["ensemble"]["per_version"][1]["examples"] == 2 * cold_ex
+    # summaries cover the versions with a predecessor (2 and 3), for every method
+    assert rows["anchor[2]"]["summary"]["log_loss"]["n"] == 2 == rows["cold"]["summary"]["log_loss"]["n"]
+    # the incremental warm start trains on the new day only: about half the examples of a 2-day window
+    inc = rows["warm_incremental"]["per_version"][1]["examples"]
+    assert 0.35 * cold_ex < inc < 0.65 * cold_ex
     # a chain's version reads its own predecessor
     runs = {p.name: load_config(p / "config.toml") for p in (out / "runs").iterdir()}
-    warm2 = [c for n, c in runs.items() if n.startswith("v02-warm")]
+    warm2 = [c for n, c in runs.items() if n.startswith("v02-warm-")]
     assert len(warm2) == 2 and all(c.train.init_from.startswith(str(out / "runs" / "v01-")) for c in warm2)
     anchor3 = [c for n, c in runs.items() if n.startswith("v03-anchor")]
     assert all(c.anchor.weight == 2.0 and "v02-anchor" in c.anchor.run for c in anchor3)
     assert all(
         c.data.train_dirs[-1].endswith("day03") and c.data.valid_dir.endswith("day04") for c in anchor3
     )
+    inc3 = [c for n, c in runs.items() if n.startswith("v03-warm_incremental")]
+    assert len(inc3) == 2
+    assert all(len(c.data.train_dirs) == 1 and "v02-warm_incremental" in c.train.init_from for c in inc3)
     # resumable: a second invocation trains nothing
     run_retrain(cfg)
     assert "[study] start" not in capsys.readouterr().out
@@ -94,6 +102,8 @@ def test_retrain_config_errors(tmp_path):
         ("[retrain]\nanchor_weights = [0.0]\n", "positive"),
         ("[retrain]\ndays = 5\nwindow = 4\n", "window <= days - 2"),
         ("[retrain]\nchains = 1\n", "retrain.chains"),
+        ("[retrain]\nseed = 50000\n", "retrain.seed"),
+        ("[retrain]\nanchor_weights = [1.0, 1.0000001]\n", "name the same rows"),
     ):
         p.write_text(text)
         with pytest.raises(ConfigError, match=message):

@@ -99,8 +99,9 @@ def test_the_distillation_term_reaches_the_student(baseline, codistilled):
 class _FixedTeacher:
     """A TeacherSource whose logits are given: the step's gradient can then be written down by hand."""
 
-    def __init__(self, logits: torch.Tensor) -> None:
+    def __init__(self, logits: torch.Tensor, weight: float) -> None:
         self.z = logits
+        self.name, self.weight, self.loss = "distill", weight, "ce"  # the TeacherSource term
 
     def logits(self, batch, step: int) -> list[torch.Tensor]:
         return [self.z]
@@ -129,7 +130,7 @@ def test_one_train_step_with_a_fixed_teacher_has_the_hand_computed_gradient():
     trainer.cfg = SimpleNamespace(codistill=CodistillConfig(num_groups=2, distill_weight=w, loss="ce"))
     trainer.model = _FreeLogits(z)
     trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=lr)
-    trainer.teachers = [_FixedTeacher(t)]
+    trainer.teachers = [_FixedTeacher(t, w)]
     trainer.state = TrainState(step=10)
     parts = trainer.train_step(SimpleNamespace(dense_features=None, sparse_features=None, labels=y))
     s, b = torch.sigmoid(z), len(z)

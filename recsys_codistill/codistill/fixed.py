@@ -33,7 +33,7 @@ def teacher_checkpoint(run_dir: str | Path, group: int, what: str) -> Path:
     run = RunDir(run_dir)
     if not run.config.is_file():
         raise dist.FatalError(f"{what} = {run_dir}: not a run directory (no {run.config.name})")
-    path = latest_checkpoint(run.checkpoints(group))
+    path = latest_checkpoint(run.checkpoints(group), restore=False)  # read-only: another run's directory
     if path is None:
         raise dist.FatalError(
             f"{what} = {run_dir}: group {group} has no intact checkpoint under {run.checkpoints(group)}"

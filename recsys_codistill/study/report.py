@@ -530,8 +530,9 @@ def write_retrain_report(root: Path, result: dict[str, Any], config_text: str) -
         f"{cfg['days']} days, training window {cfg['window']} days: version d trains on days d−{cfg['window'] - 1}..d "
         f"and is evaluated on day d+1; {cfg['chains']} independent chains per method (different seeds). *Churn vs "
         "previous* is mean |p_d − p_{d−1}| on day d+1 (what a launch sees; from the second version on), *churn vs "
-        "independent* the churn between the chains' version d (the paper's). Summaries: mean over versions with a "
-        f"{pct:.0f}% t interval over versions (versions share days, so read it as a guide); changes to `cold` are "
+        "independent* the churn between the chains' version d (the paper's). Summaries: mean over the versions "
+        f"that have a predecessor (d ≥ {cfg['window']}) with a {pct:.0f}% t interval over versions (versions share "
+        "days, so read it as a guide); changes to `cold` are "
         "paired version by version. Compute is per chain and version: examples trained on (copies x steps x "
         "batch) and teacher forwards.",
         "",

@@ -6,7 +6,9 @@ training window of W days. Version d of a method trains on days d−W+1 .. d and
 chains (different seeds); within a chain, version d may read version d−1 of the same chain:
 
 - ``cold``: a fresh model every day (the baseline);
-- ``warm``: starts from version d−1's weights (``train.init_from``);
+- ``warm``: starts from version d−1's weights (``train.init_from``) and trains on the whole window (so
+  it passes a second time over the days its predecessor saw);
+- ``warm_incremental``: starts from version d−1's weights and trains on the new day d only;
 - ``anchor``: distils toward version d−1 with weight λ (``[anchor]``; Jiang et al. 2022), one method per
   λ of ``retrain.anchor_weights``;
 - ``warm_anchor``: both (the first λ);
@@ -14,7 +16,10 @@ chains (different seeds); within a chain, version d may read version d−1 of th
 - ``ensemble``: the average of two cold models (chain c's cold model and one more with another seed);
 - ``smelu``: a cold model with SmeLU activations.
 
-The first version of every chain (d = W−1) has no predecessor and trains cold. Per version the report has
+The first version of a chain (d = W−1) has no predecessor: for the methods that read one (warm, anchor)
+it is the cold model itself; codistillation, the ensemble and SmeLU are themselves from the start.
+Summaries cover the versions that have a predecessor (d ≥ W), for every method alike. Per version the
+report has
 log loss, AUC, calibration, **churn vs version d−1** (mean |p_d − p_{d−1}| on day d+1: what a launch sees,
 measured from the second version on), churn vs the independent retrain of the same day (chain 0 vs
 chain 1: the paper's churn), flip rates, and the compute spent (examples trained on, teacher forwards).
@@ -60,7 +65,7 @@ from recsys_codistill.study.study import (
     run_result,
 )
 
-METHODS = ("cold", "warm", "anchor", "warm_anchor", "codistill", "ensemble", "smelu")
+METHODS = ("cold", "warm", "warm_incremental", "anchor", "warm_anchor", "codistill", "ensemble", "smelu")
 
 
 @dataclass(frozen=True)
@@ -76,10 +81,11 @@ class RetrainConfig:
     drift: float = ranged(0.3, ge=0, le=10)
     id_turnover: float = ranged(0.02, ge=0, le=1)
     window: int = ranged(3, ge=1)
-    chains: int = ranged(2, ge=2, why="the churn vs an independent retrain needs two chains")
+    chains: int = ranged(2, ge=2, le=99, why="two for the churn vs an independent retrain; distinct seeds")
     methods: tuple[str, ...] = METHODS
     anchor_weights: tuple[float, ...] = (1.0,)
-    seed: int = ranged(0, ge=0, le=2**22)
+    # train.seed = seed * 100000 + chain * 1000 + member * 500 + version: distinct for every run
+    seed: int = ranged(0, ge=0, le=42_949, why="train.seed must stay below 2**32")
     confidence: float = ranged(0.95, gt=0.5, lt=1.0)
     parallel_runs: int = ranged(2, ge=1)
 
@@ -107,6 +113,11 @@ def load_retrain(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Retra
         )
     if any(not w > 0 for w in cfg.anchor_weights) or not cfg.anchor_weights:
         raise ConfigError(f"{path}: retrain.anchor_weights must be positive numbers (λ = 0 is the cold row)")
+    keys = [Row("anchor", w).key for w in cfg.anchor_weights]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(
+            f"{path}: retrain.anchor_weights {list(cfg.anchor_weights)} name the same rows {keys}"
+        )
     if cfg.window > cfg.days - 2:
         raise ConfigError(
             f"{path}: retrain.window = {cfg.window} leaves no second version in {cfg.days} days (a version "
@@ -204,7 +215,7 @@ def run_config(
 ) -> RunConfig:
     """Version ``d`` of ``chain`` of a method (``member`` 1: an ensemble's second model)."""
     sets: list[str] = []
-    if row.method in ("warm", "warm_anchor") and prev is not None:
+    if row.method in ("warm", "warm_incremental", "warm_anchor") and prev is not None:
         sets.append(f'train.init_from="{prev.run_dir}"')
     if row.method in ("anchor", "warm_anchor") and prev is not None:
         sets += [f'anchor.run="{prev.run_dir}"', f"anchor.weight={row.weight}"]
@@ -212,7 +223,8 @@ def run_config(
         sets.append('model.activation="smelu"')
     groups = 2 if row.method == "codistill" else 1
     dd = apply_overrides(to_dict(base), sets)
-    dd["data"]["train_dir"] = [str(day_dir(data, k)) for k in range(d - cfg.window + 1, d + 1)]
+    first = d - cfg.window + 1 if not (row.method == "warm_incremental" and prev is not None) else d
+    dd["data"]["train_dir"] = [str(day_dir(data, k)) for k in range(first, d + 1)]
     dd["data"]["valid_dir"] = str(day_dir(data, d + 1))
     # a fresh seed per chain, version and ensemble member: a cold retrain starts from a new init every day
     dd["train"]["seed"] = cfg.seed * 100_000 + chain * 1000 + member * 500 + d
@@ -282,7 +294,18 @@ def measure_version(
     """Version ``d`` of a method on day d+1: quality, churn vs version d−1 (the launch's), churn between
     chains (independent retrains of the same day), flips, and the compute it cost per chain."""
     day = day_dir(data, d + 1)
-    y = run_predictions(runs[(row.key, 0, d, 0)], day, 0, day.name)["label"].astype(np.float64)
+    ref = run_predictions(runs[(row.key, 0, d, 0)], day, 0, day.name)
+    y = ref["label"].astype(np.float64)
+    for c in runs.values():
+        if (
+            c.data.valid_dir == str(day)
+            and (Path(c.run_dir) / f"{day.name}_predictions_g0.parquet").is_file()
+        ):
+            ids = run_predictions(c, day, 0, day.name)["row_id"]
+            if not np.array_equal(ids, ref["row_id"]):
+                raise RuntimeError(
+                    f"{c.run_dir} predicted other rows of {day} than {runs[(row.key, 0, d, 0)].run_dir}"
+                )
     P = [served(runs, row, c, d, day) for c in range(cfg.chains)]
     first = d == versions(cfg)[0]
     prev = None if first else [served(runs, row, c, d - 1, day) for c in range(cfg.chains)]
@@ -312,9 +335,18 @@ def measure_version(
         for g in range(c.codistill.num_groups)
     ]
     rec["examples"] = int(sum(x["step"] for x in res) * base.data.batch_size / cfg.chains)
-    rec["teacher_forwards"] = int(
-        sum((x.get("anchor_forwards") or 0) + (x.get("distilled_steps") or 0) for x in res) / cfg.chains
-    )
+    # teacher forwards from the configs and step counts (a resumed process's own counters restart at 0):
+    # an anchor runs once per step; each codistillation copy once per step after its burn-in
+    forwards = 0
+    for (key, _, v, _), c in runs.items():
+        if key != row.key or v != d:
+            continue
+        steps = run_result(c, 0)["step"]
+        if c.anchor.run and c.anchor.weight > 0:
+            forwards += steps
+        if c.codistill.num_groups > 1 and c.codistill.distill_weight > 0:
+            forwards += c.codistill.num_groups * max(0, steps - c.codistill.burn_in_steps)
+    rec["teacher_forwards"] = int(forwards / cfg.chains)
     return rec
 
 
@@ -330,6 +362,13 @@ def run(cfg: RetrainConfig, base: RunConfig, config_text: str = "") -> Path:
     check_data_record(cfg, root, keys=keys, subdirs=day_names)
     data = prepare_days(cfg, root)
     check_data_record(cfg, root, data, keys=keys, subdirs=day_names)
+    for k in range(cfg.days):
+        rows = len(row_ids(day_dir(data, k)))
+        if rows < base.data.batch_size:
+            raise ConfigError(
+                f"{day_dir(data, k)} has {rows} rows, fewer than data.batch_size {base.data.batch_size}: use fewer "
+                "retrain.days or a smaller batch"
+            )
     for d in versions(cfg):
         check_days(data, range(d - cfg.window + 1, d + 1), d + 1)
     runs = plan(cfg, base, root, data)
@@ -374,9 +413,11 @@ def run(cfg: RetrainConfig, base: RunConfig, config_text: str = "") -> Path:
         row.key: {"per_version": [measure_version(cfg, base, runs, data, row, d) for d in versions(cfg)]}
         for row in rows_of(cfg)
     }
-    cold = result_rows["cold"]["per_version"]
+    # summaries over the versions with a predecessor, for every method alike (the first version of the
+    # methods that read one is the cold model itself, and has no launch churn)
+    cold = result_rows["cold"]["per_version"][1:]
     for key, r in result_rows.items():
-        pv = r["per_version"]
+        pv = r["per_version"][1:]
         summary = {
             k: _t_interval([x[k] for x in pv], cfg.confidence)
             for k in ("log_loss", "auc", "churn_vs_previous", "churn_vs_independent")

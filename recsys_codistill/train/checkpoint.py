@@ -41,13 +41,16 @@ class NonFiniteError(dist.FatalError, FloatingPointError):
     """Training produced NaN or infinite values; nothing non-finite is ever saved or served."""
 
 
-def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+def list_checkpoints(ckpt_dir: str | Path, *, restore: bool = True) -> list[tuple[int, Path]]:
     """Checkpoint directories by name, oldest first (temp dirs and anything else are ignored); not
-    verified: see :func:`latest_checkpoint`."""
+    verified: see :func:`latest_checkpoint`. ``restore`` first completes an interrupted replacement (the
+    run's own directory); a reader of another run's checkpoints (a teacher, a warm start) passes False and
+    changes nothing there."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
-    atomic.restore_interrupted(d, KIND)
+    if restore:
+        atomic.restore_interrupted(d, KIND)
     out = []
     for p in d.iterdir():
         m = _STEP_RE.match(p.name)
@@ -80,7 +83,9 @@ def verify_checkpoint(path: Path, step: int | None = None, checksums: bool = Tru
     return atomic.verify(path, KIND, {"step": step}, checksums=checksums)
 
 
-def latest_checkpoint(ckpt_dir: str | Path, *, checksums: bool = True, warn: bool = True) -> Path | None:
+def latest_checkpoint(
+    ckpt_dir: str | Path, *, checksums: bool = True, warn: bool = True, restore: bool = True
+) -> Path | None:
     """The newest intact checkpoint. Damaged newer ones are skipped, each with a warning naming what is
     wrong, so a torn or corrupted save falls back to the previous intact checkpoint."""
     if warn:
@@ -91,7 +96,7 @@ def latest_checkpoint(ckpt_dir: str | Path, *, checksums: bool = True, warn: boo
                 file=sys.stderr,
                 flush=True,
             )
-    for step, path in reversed(list_checkpoints(ckpt_dir)):
+    for step, path in reversed(list_checkpoints(ckpt_dir, restore=restore)):
         try:
             verify_checkpoint(path, step, checksums)
         except atomic.DamagedDirectory as e:

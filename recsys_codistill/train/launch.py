@@ -152,7 +152,7 @@ def check_resumable(cfg: RunConfig, vocab: object) -> None:
                 raise ConfigError(str(e)) from e
 
 
-def check_teacher_runs(cfg: RunConfig, vocab: object) -> None:
+def check_teacher_runs(cfg: RunConfig, vocab: object, fresh: bool) -> None:
     """The runs a training reads (``anchor.run``, ``train.init_from``) must be trained runs with an intact
     checkpoint and this run's input mapping: refused here, naming the differing keys, before any worker."""
     from recsys_codistill import dist
@@ -160,11 +160,12 @@ def check_teacher_runs(cfg: RunConfig, vocab: object) -> None:
     from recsys_codistill.train.checkpoint import check_inputs
     from recsys_codistill.train.inputs import InputMapping
 
-    for what, run, group in (
-        ("anchor.run", cfg.anchor.run, cfg.anchor.group),
-        ("train.init_from", cfg.train.init_from, cfg.train.init_group),
+    for what, run, group, needed in (
+        ("anchor.run", cfg.anchor.run, cfg.anchor.group, cfg.anchor.weight > 0),
+        # a resumed run continues from its own checkpoint: the warm-start source is not read again
+        ("train.init_from", cfg.train.init_from, cfg.train.init_group, fresh),
     ):
-        if not run:
+        if not run or not needed:
             continue
         if Path(run).resolve() == Path(cfg.run_dir).resolve():
             raise ConfigError(f"{what} = {run} is this run's own directory; name the run to read from")
@@ -418,7 +419,7 @@ def _launch_locked(cfg: RunConfig, rd: RunDir, quiet: bool) -> int:
     vocab = prepare_vocab(cfg, fresh=fresh)
     if not fresh:
         check_resumable(cfg, vocab)
-    check_teacher_runs(cfg, vocab)
+    check_teacher_runs(cfg, vocab, fresh)
     save_resolved(cfg, rd.root)  # the run's record (predict, resume)
     # The workers' own copy: a file no other launch writes, so they train exactly what this launch resolved.
     rd.launches.mkdir(exist_ok=True)

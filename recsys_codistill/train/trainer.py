@@ -60,10 +60,15 @@ def lr_factor(step: int, total: int, warmup: int, decay: str, floor: float = 0.0
     return floor + (1.0 - floor) * shape
 
 
+def uses_anchor(cfg: RunConfig) -> bool:
+    """An anchor with λ = 0 is no anchor at all: not built, not loaded, the baseline's code path."""
+    return bool(cfg.anchor.run) and cfg.anchor.weight > 0
+
+
 def use_sparse_dist_pipeline(cfg: RunConfig, ctx: DistContext) -> bool:
     if cfg.train.pipeline == "auto":
         # (teachers need the batch outside the pipeline's traced forward)
-        return ctx.device.type == "cuda" and cfg.codistill.num_groups == 1 and not cfg.anchor.run
+        return ctx.device.type == "cuda" and cfg.codistill.num_groups == 1 and not uses_anchor(cfg)
     return cfg.train.pipeline == "sparse_dist"
 
 
@@ -289,7 +294,7 @@ class Trainer:
                 )
             )
 
-        if cfg.anchor.run:
+        if uses_anchor(cfg):
             from recsys_codistill.codistill.fixed import FixedTeacher
 
             a = cfg.anchor
@@ -357,6 +362,8 @@ class Trainer:
         states: dict[str, Any] = {"model": ModelState(self.model)}
         if t.init_optimizer:
             states["optim"] = OptimizerState(self.optimizer)
+            states["optim"].prepare_load()  # Adam's moments exist only after a step: create them to load
+        # (the learning rates stay this run's: LRSchedule captured them before and sets them every step)
         dcp_io.load(states, path)
         if self.ctx.is_main:
             print(f"[group {self.group}] warm start from {path}", flush=True)
