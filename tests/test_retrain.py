@@ -8,8 +8,10 @@ import pytest
 
 from recsys_codistill.config import ConfigError, load_config
 from recsys_codistill.study.retrain import check_days, load_retrain, run_retrain
+from tests.train_utils import TINY_RUN_TOML
 
-TINY = """
+TINY = (
+    """
 [retrain]
 out_dir = "{out}"
 synthetic_rows = 7500
@@ -20,19 +22,9 @@ drift = 0.5
 id_turnover = 0.05
 methods = ["cold", "warm", "warm_incremental", "anchor", "ensemble"]
 anchor_weights = [2.0]
-
-[data]
-batch_size = 256
-
-[model]
-table_sizes = [1000]
-embedding_dim = 8
-dense_arch = [16, 8]
-over_arch = [16, 1]
-
-[train]
-log_every = 4
 """
+    + TINY_RUN_TOML
+)
 
 
 @pytest.mark.dist

@@ -40,7 +40,7 @@ from recsys_codistill.train.checkpoint import (
     list_checkpoints,
     load_model_weights,
 )
-from tests.train_utils import make_dataset, metrics, predictions, run, tiny_config, weights
+from tests.train_utils import TINY_RUN_TOML, make_dataset, metrics, predictions, run, tiny_config, weights
 
 # Two groups on shared data, lockstep: group 0 sees exactly the baseline's batches in the baseline's order
 # (same seed), so it matches the baseline bit for bit until the teacher's term starts at burn-in.
@@ -388,27 +388,18 @@ def test_pruning_keeps_the_newest_keep_last_checkpoints_and_nothing_else_is_touc
 
 
 # -- the study's numbers, recomputed from the runs' own prediction files -------------------------------------
-STUDY_CLI = """
+STUDY_CLI = (
+    """
 [study]
 out_dir = "{out}"
 runs = 5
 methods = ["baseline", "ensemble"]
 synthetic_rows = 4000
 valid_fraction = 0.25
-
-[data]
-batch_size = 256
-
-[model]
-table_sizes = [1000]
-embedding_dim = 8
-dense_arch = [16, 8]
-over_arch = [16, 1]
-
-[train]
-log_every = 4
-eval_every = 0
 """
+    + TINY_RUN_TOML
+    + "eval_every = 0\n"
+)
 
 
 @pytest.mark.slow

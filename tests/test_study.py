@@ -8,8 +8,10 @@ import pytest
 
 from recsys_codistill.config import ConfigError
 from recsys_codistill.study.study import cells, check_holdout, load_spec, run_study
+from tests.train_utils import TINY_RUN_TOML
 
-TINY = """
+TINY = (
+    """
 [study]
 out_dir = "{out}"
 runs = {runs}
@@ -17,25 +19,16 @@ methods = {methods}
 synthetic_rows = 6000
 valid_fraction = 0.25
 {extra}
-
-[data]
-batch_size = 256
-
-[model]
-table_sizes = [1000]
-embedding_dim = 8
-dense_arch = [16, 8]
-over_arch = [16, 1]
-
-[train]
-log_every = 4
-eval_every = 8
+"""
+    + TINY_RUN_TOML
+    + """eval_every = 8
 
 [codistill]
 burn_in_steps = 4
 exchange_every = 4
 data = "shared"
 """
+)
 ALL = '["baseline", "calibrated", "ensemble", "codistill"]'
 
 

@@ -21,6 +21,22 @@ def make_dataset(root: Path, rows: int = 8192, seed: int = 0) -> Path:
     return d
 
 
+# The tiny model of the tests that drive a study or a retrain simulation from TOML (the same as tiny_config's).
+TINY_RUN_TOML = """
+[data]
+batch_size = 256
+
+[model]
+table_sizes = [1000]
+embedding_dim = 8
+dense_arch = [16, 8]
+over_arch = [16, 1]
+
+[train]
+log_every = 4
+"""
+
+
 def tiny_config(data: Path, run_dir: Path, *overrides: str) -> RunConfig:
     base = [
         f'data.train_dir="{data}"',

@@ -160,6 +160,11 @@ def _plots(root: Path, result: dict[str, Any], cells: list[str]) -> list[str]:
 # report.md
 
 
+def _toml_block(title: str, text: str) -> list[str]:
+    """A report section quoting a config verbatim."""
+    return [f"## {title}", "", "```toml", text.strip(), "```", ""]
+
+
 def _table(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(r) + " |" for r in body
@@ -345,18 +350,8 @@ def write_report(root: Path, result: dict[str, Any], *, base_toml: str, config_t
         "",
         ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "",
-        "## Study config (as given)",
-        "",
-        "```toml",
-        config_text.strip(),
-        "```",
-        "",
-        "## Resolved training config of the runs (seed and num_groups vary per run)",
-        "",
-        "```toml",
-        base_toml.strip(),
-        "```",
-        "",
+        *_toml_block("Study config (as given)", config_text),
+        *_toml_block("Resolved training config of the runs (seed and num_groups vary per run)", base_toml),
     ]
     out = root / "report.md"
     out.write_text("\n".join(lines))
@@ -609,17 +604,7 @@ def write_retrain_report(root: Path, result: dict[str, Any], config_text: str) -
     ax.set_title("Daily retrains: launch churn vs quality (lower left is better)", fontsize=9)
     made: list[str] = []
     _save(fig, root, "retrain_tradeoff.png", made)
-    lines += [
-        "",
-        "![trade-off](retrain_tradeoff.png)",
-        "",
-        "## Config (as given)",
-        "",
-        "```toml",
-        config_text.strip(),
-        "```",
-        "",
-    ]
+    lines += ["", "![trade-off](retrain_tradeoff.png)", "", *_toml_block("Config (as given)", config_text)]
     out = root / "retrain.md"
     out.write_text("\n".join(lines))
     return out
