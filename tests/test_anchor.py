@@ -105,3 +105,20 @@ def test_a_teacher_with_another_input_mapping_is_refused_naming_the_keys(data, y
         launch(
             tiny_config(data, tmp_path / "r2", f'{key}="{tmp_path}"', *lam, "train.max_steps=4"), quiet=True
         )
+
+
+def test_a_resumed_anchored_run_refuses_a_changed_teacher(data, yesterday, tmp_path):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(yesterday, teacher)
+    anchored = ["anchor.weight=1.0", f'anchor.run="{teacher}"', "checkpoint.every_steps=4"]
+    run(tiny_config(data, tmp_path / "r", *anchored, "train.max_steps=8"))
+    # the teacher trains on (a new latest checkpoint) while the student is stopped, then the student resumes
+    run(tiny_config(data, teacher, "train.max_steps=16", "train.seed=7"))
+    from recsys_codistill.train.launch import launch
+
+    code = launch(tiny_config(data, tmp_path / "r", *anchored, "train.max_steps=12"), quiet=True)
+    assert code != 0
+    logs = "".join(p.read_text() for p in (tmp_path / "r").glob("group*/launcher.log"))
+    assert "the teacher changed under a resumed run" in logs

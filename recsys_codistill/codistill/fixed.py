@@ -26,6 +26,14 @@ from recsys_codistill.config import RunConfig, load_config
 from recsys_codistill.run_dir import RunDir
 
 
+def _manifest_sha(path: Path) -> str:
+    import hashlib
+
+    from recsys_codistill import atomic
+
+    return hashlib.sha256((path / atomic.MANIFEST).read_bytes()).hexdigest()
+
+
 def teacher_checkpoint(run_dir: str | Path, group: int, what: str) -> Path:
     """The latest intact checkpoint of ``group`` of a trained run; a clear error when there is none."""
     from recsys_codistill.train.checkpoint import latest_checkpoint
@@ -42,7 +50,12 @@ def teacher_checkpoint(run_dir: str | Path, group: int, what: str) -> Path:
 
 
 class FixedTeacher:
-    """A :class:`~recsys_codistill.codistill.exchange.TeacherSource` serving one trained run's logits."""
+    """A :class:`~recsys_codistill.codistill.exchange.TeacherSource` serving one trained run's logits.
+
+    ``stateful``: the trainer saves its identity (checkpoint path, manifest sha256) with the student's
+    checkpoints and a resume refuses another teacher."""
+
+    stateful = True
 
     def __init__(
         self,
@@ -71,6 +84,21 @@ class FixedTeacher:
         dcp_io.load({"model": ModelState(self.model), "train": train}, self.path)
         self.step = train.step
         self.forwards = 0
+        # what this teacher is, for the student's checkpoints: a resumed run must distil from the same one
+        self.identity = {"checkpoint": str(self.path), "manifest_sha256": _manifest_sha(self.path)}
+
+    # -- per-rank checkpoint state: the teacher a run was distilling from ------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.identity)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd != self.identity:
+            raise dist.FatalError(
+                f"{self.name}.run: this run was distilling from {sd.get('checkpoint')} (manifest sha256 "
+                f"{str(sd.get('manifest_sha256'))[:12]}…), now the latest checkpoint is {self.identity['checkpoint']} "
+                f"({self.identity['manifest_sha256'][:12]}…): the teacher changed under a resumed run; restore it, "
+                "or start a new run directory"
+            )
 
     def start(self, model: nn.Module, step: int) -> None:
         pass

@@ -327,6 +327,9 @@ class Trainer:
         self.checkpointer.register("train", self.state)
         self.checkpointer.register("stream", StreamState(self.stream, self.state), per_rank=True)
         self.checkpointer.register("rng", RNGState(), per_rank=True)
+        for teacher in self.teachers:
+            if getattr(teacher, "stateful", False):  # a fixed teacher: resume only against the same one
+                self.checkpointer.register(teacher.name, teacher, per_rank=True)
         self.averager = WeightAverager(cfg.train, self.total_steps)
         if self.averager.enabled:  # registered only when used, so older checkpoints still resume
             self.checkpointer.register("average", self.averager, per_rank=True)
