@@ -173,6 +173,19 @@ def check_teacher_runs(cfg: RunConfig, vocab: object, fresh: bool) -> None:
             check_inputs(teacher_checkpoint(run, group, what), InputMapping.from_config(cfg, vocab))  # type: ignore[arg-type]
         except (ValueError, dist.FatalError) as e:
             raise ConfigError(f"{what}: {e}" if what not in str(e) else str(e)) from e
+        if what == "train.init_from":
+            # the same weights under another activation load without error (same state dict): say so
+            from recsys_codistill.config import load_config
+
+            src = load_config(RunDir(run).config).model
+            changed = [k for k in ("activation", "smelu_beta") if getattr(src, k) != getattr(cfg.model, k)]
+            if changed:
+                print(
+                    f"recsys-codistill: warning: train.init_from = {run} was trained with "
+                    + ", ".join(f"model.{k} = {getattr(src, k)!r}" for k in changed)
+                    + f"; this run uses {', '.join(repr(getattr(cfg.model, k)) for k in changed)}",
+                    file=sys.stderr,
+                )
 
 
 def warn_if_config_changed(cfg: RunConfig, run_dir: Path) -> None:
