@@ -51,7 +51,8 @@ def test_kl_is_zero_at_match_and_mse_on_logits():
 def test_logged_gap_is_the_kl_whatever_the_loss():
     # The logged gap is KL(p̄ ‖ σ(z)) = Σ p log(p/q) + (1 − p) log((1 − p)/(1 − q)), hand-computed; the CE
     # loss term exceeds it by the teacher's entropy, so it never reaches 0 when the student matches.
-    z, t = torch.randn(9, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    z, t = (torch.randn(9, dtype=torch.float64, generator=gen) for _ in range(2))
     p, q = torch.sigmoid(t), torch.sigmoid(z)
     kl = (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).mean()
     y = torch.ones(9, dtype=torch.float64)
@@ -59,5 +60,6 @@ def test_logged_gap_is_the_kl_whatever_the_loss():
         parts = codistill_loss(z, [t], y, CodistillConfig(loss=loss))
         torch.testing.assert_close(parts.kl, kl.float() if parts.kl.dtype == torch.float32 else kl)
     match = codistill_loss(t.clone(), [t], y, CodistillConfig(loss="ce"))
-    assert abs(match.kl.item()) < 1e-9 and match.distill.item() > 0.1
+    # the gap is computed in float32 (teachers' logits are): 0 up to its rounding
+    assert abs(match.kl.item()) < 1e-6 and match.distill.item() > 0.1
     assert codistill_loss(z, None, y, CodistillConfig()).kl.item() == 0.0
