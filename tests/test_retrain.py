@@ -37,7 +37,7 @@ def test_tiny_retrain_simulation_writes_its_report_and_resumes(tmp_path, capsys)
     # 3 versions (1, 2, 3: windows of 2 days, each evaluated on the next); cold 6, warm, warm_incremental
     # and anchor 4 each (their first versions are the cold models), the ensemble's second members 6
     assert "[retrain] 5 methods x 2 chains x 3 versions: 24 trainings (0 already finished)" in printed
-    assert printed.count("[study] finish") == 24
+    assert printed.count("[retrain] finish") == 24
     text = report.read_text()
     for needle in ("churn vs previous", "anchor[2]", "ensemble", "Per version", "retrain_tradeoff.png"):
         assert needle in text, needle
@@ -75,7 +75,7 @@ def test_tiny_retrain_simulation_writes_its_report_and_resumes(tmp_path, capsys)
     assert all(len(c.data.train_dirs) == 1 and "v02-warm_incremental" in c.train.init_from for c in inc3)
     # resumable: a second invocation trains nothing
     run_retrain(cfg)
-    assert "[study] start" not in capsys.readouterr().out
+    assert "[retrain] start" not in capsys.readouterr().out
 
 
 def test_evaluation_rows_must_come_after_every_training_row(tmp_path):

@@ -378,7 +378,9 @@ def run(cfg: RetrainConfig, base: RunConfig, config_text: str = "") -> Path:
     # train: version by version (a version reads its predecessor), single models several at a time
     unique = {c.run_dir: c for c in runs.values()}
     todo = [c for c in unique.values() if not is_done(c)]
-    progress = Progress(root, [(_Spec(c), 1) for c in todo])  # ETA in runs: their sizes are alike
+    progress = Progress(
+        root, [(_Spec(c), 1) for c in todo], prefix="retrain"
+    )  # ETA in runs: their sizes are alike
     print(
         f"[retrain] {len(rows_of(cfg))} methods x {cfg.chains} chains x {len(versions(cfg))} versions: "
         f"{len(unique)} trainings ({len(unique) - len(todo)} already finished); time {progress.eta(1)}",

@@ -431,8 +431,9 @@ class Progress:
     """One line per run started / finished, with an ETA from the seconds per training step measured so far
     (also from earlier invocations: ``timings.json`` in the study directory)."""
 
-    def __init__(self, root: Path, todo: Sequence[tuple[RunSpec, int]]) -> None:
+    def __init__(self, root: Path, todo: Sequence[tuple[RunSpec, int]], prefix: str = "study") -> None:
         self.path = root / "timings.json"
+        self.prefix = prefix
         self.timings: dict[str, dict[str, float]] = (
             json.loads(self.path.read_text()) if self.path.is_file() else {}
         )
@@ -454,7 +455,7 @@ class Progress:
         return f"about {_duration(rate * left / max(1, parallel))}"
 
     def started(self, name: str) -> None:
-        print(f"[study] start  {name}", flush=True)
+        print(f"[{self.prefix}] start  {name}", flush=True)
 
     def finished(self, name: str, seconds: float, parallel: int) -> None:
         with self.lock:
@@ -462,7 +463,7 @@ class Progress:
             self.done += 1
             self.path.write_text(json.dumps(self.timings, indent=1))
             print(
-                f"[study] finish {name} in {_duration(seconds)}; {len(self.todo)} left, {self.eta(parallel)}",
+                f"[{self.prefix}] finish {name} in {_duration(seconds)}; {len(self.todo)} left, {self.eta(parallel)}",
                 flush=True,
             )
 
