@@ -154,7 +154,6 @@ class CriteoStream(IterableDataset):
         dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
         if not dirs:
             raise DatasetError("no data directory given")
-        self.data_dirs = dirs
         self.where = ", ".join(str(d) for d in dirs)  # for messages
         self.batch_size = int(batch_size)
         self.table_sizes = tuple(int(s) for s in table_sizes)

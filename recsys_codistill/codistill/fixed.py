@@ -67,7 +67,7 @@ class FixedTeacher:
         inputs: Any,
         build: Callable[[RunConfig], nn.Module],
     ) -> None:
-        from recsys_codistill.train.checkpoint import ModelState, TrainState, check_inputs
+        from recsys_codistill.train.checkpoint import ModelState, check_inputs
 
         self.name, self.weight, self.loss = name, weight, loss
         self.path = teacher_checkpoint(run_dir, group, f"{name}.run")
@@ -80,9 +80,7 @@ class FixedTeacher:
         for p in self.model.parameters():
             if p.is_leaf:
                 p.requires_grad_(False)
-        train = TrainState()
-        dcp_io.load({"model": ModelState(self.model), "train": train}, self.path)
-        self.step = train.step
+        dcp_io.load({"model": ModelState(self.model)}, self.path)
         self.forwards = 0
         # what this teacher is, for the student's checkpoints: a resumed run must distil from the same one
         self.identity = {"checkpoint": str(self.path), "manifest_sha256": _manifest_sha(self.path)}

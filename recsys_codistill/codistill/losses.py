@@ -26,7 +26,7 @@ class LossParts:
     total: torch.Tensor
     # KL(p̄ ‖ σ(z)): the real gap between student and teachers, whatever ψ is (a cross entropy against
     # soft targets includes the teachers' own entropy, so it never reaches 0); 0 without teachers.
-    kl: torch.Tensor | None = None
+    kl: torch.Tensor
     # Other teachers' terms by name (e.g. "anchor"): (ψ, KL), both unweighted.
     terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -84,7 +84,14 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, terms: Sequenc
         if not t.logits or t.weight == 0.0:
             continue
         psi = distill_term(logits, t.logits, t.loss)
-        kl = psi.detach() if t.loss == "kl" else distill_gap(logits, t.logits)
+        if t.loss == "kl":
+            kl = psi.detach()
+        elif t.loss == "ce":  # KL = CE − H(p̄): no second cross entropy on the training step
+            with torch.no_grad():
+                p = soft_targets(t.logits)
+                kl = psi.detach() - F.binary_cross_entropy(p, p)
+        else:
+            kl = distill_gap(logits, t.logits)
         total = total + t.weight * psi
         parts[t.name] = (psi, kl)
     distill, kl = parts.pop("distill", (zero, zero))

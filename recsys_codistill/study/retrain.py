@@ -40,9 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import t as student_t
 
 from data_pipeline.manifest import MANIFEST
+from data_pipeline.preprocess import day_dir as day_name
+from data_pipeline.preprocess import day_dirs
 from recsys_codistill.config import (
     ConfigError,
     RunConfig,
@@ -55,6 +56,7 @@ from recsys_codistill.config import (
     to_dict,
 )
 from recsys_codistill.eval.metrics import log_loss, roc_auc, sigmoid
+from recsys_codistill.eval.retrains import jackknife
 from recsys_codistill.study.study import (
     Progress,
     addressed,
@@ -145,9 +147,7 @@ def rows_of(cfg: RetrainConfig) -> list[Row]:
 
 
 def day_dir(data: Path, day: int) -> Path:
-    from data_pipeline.preprocess import day_dir as name
-
-    return data / name(day)
+    return data / day_name(day)
 
 
 def prepare_days(cfg: RetrainConfig, root: Path) -> Path:
@@ -263,19 +263,14 @@ def plan(
 # measuring
 
 
-def _t_interval(values: Sequence[float], confidence: float) -> dict[str, Any]:
+def _t_interval(values: Sequence[float | None], confidence: float) -> dict[str, Any]:
+    """Mean over versions with a t interval (the jackknife of a mean is exactly that); no interval from
+    fewer than two values."""
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    if v.size == 0:
-        return {"value": None, "ci_low": None, "ci_high": None, "n": 0}
-    if v.size == 1:
-        return {"value": float(v[0]), "ci_low": None, "ci_high": None, "n": 1}
-    half = student_t.ppf((1 + confidence) / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
-    return {
-        "value": float(v.mean()),
-        "ci_low": float(v.mean() - half),
-        "ci_high": float(v.mean() + half),
-        "n": int(v.size),
-    }
+    if v.size < 2:
+        return {"value": float(v[0]) if v.size else None, "ci_low": None, "ci_high": None, "n": int(v.size)}
+    est = jackknife(lambda idx: float(v[idx].mean()), v.size, confidence, min_runs=1)
+    return {**est.to_dict(), "n": int(v.size)}
 
 
 def served(runs: dict, row: Row, chain: int, version: int, day: Path) -> np.ndarray:
@@ -294,18 +289,7 @@ def measure_version(
     """Version ``d`` of a method on day d+1: quality, churn vs version d−1 (the launch's), churn between
     chains (independent retrains of the same day), flips, and the compute it cost per chain."""
     day = day_dir(data, d + 1)
-    ref = run_predictions(runs[(row.key, 0, d, 0)], day, 0, day.name)
-    y = ref["label"].astype(np.float64)
-    for c in runs.values():
-        if (
-            c.data.valid_dir == str(day)
-            and (Path(c.run_dir) / f"{day.name}_predictions_g0.parquet").is_file()
-        ):
-            ids = run_predictions(c, day, 0, day.name)["row_id"]
-            if not np.array_equal(ids, ref["row_id"]):
-                raise RuntimeError(
-                    f"{c.run_dir} predicted other rows of {day} than {runs[(row.key, 0, d, 0)].run_dir}"
-                )
+    y = run_predictions(runs[(row.key, 0, d, 0)], day, 0, day.name)["label"].astype(np.float64)
     P = [served(runs, row, c, d, day) for c in range(cfg.chains)]
     first = d == versions(cfg)[0]
     prev = None if first else [served(runs, row, c, d - 1, day) for c in range(cfg.chains)]
@@ -328,26 +312,34 @@ def measure_version(
             np.mean([((p >= threshold) != (q >= threshold)).mean() for p, q in zip(P, prev, strict=True)])
         ),
     }
-    res = [
-        run_result(c, g)
-        for (key, _, v, _), c in runs.items()
-        if key == row.key and v == d
-        for g in range(c.codistill.num_groups)
-    ]
-    rec["examples"] = int(sum(x["step"] for x in res) * base.data.batch_size / cfg.chains)
-    # teacher forwards from the configs and step counts (a resumed process's own counters restart at 0):
-    # an anchor runs once per step; each codistillation copy once per step after its burn-in
-    forwards = 0
+    # compute, from the configs and step counts (a resumed process's own counters restart at 0): every
+    # copy trains steps x batch examples; an anchor runs once per step, each codistillation copy once per
+    # step after its burn-in
+    examples = forwards = 0
     for (key, _, v, _), c in runs.items():
         if key != row.key or v != d:
             continue
-        steps = run_result(c, 0)["step"]
+        steps, groups = run_result(c, 0)["step"], c.codistill.num_groups
+        examples += groups * steps * base.data.batch_size
         if c.anchor.run and c.anchor.weight > 0:
             forwards += steps
-        if c.codistill.num_groups > 1 and c.codistill.distill_weight > 0:
-            forwards += c.codistill.num_groups * max(0, steps - c.codistill.burn_in_steps)
+        if groups > 1 and c.codistill.distill_weight > 0:
+            forwards += groups * max(0, steps - c.codistill.burn_in_steps)
+    rec["examples"] = int(examples / cfg.chains)
     rec["teacher_forwards"] = int(forwards / cfg.chains)
     return rec
+
+
+def check_same_rows(runs: dict, day: Path) -> None:
+    """Every run evaluated on ``day`` predicted the same rows in the same order (they are compared by
+    position)."""
+    ref: tuple[str, np.ndarray] | None = None
+    for c in {c.run_dir: c for c in runs.values() if c.data.valid_dir == str(day)}.values():
+        ids = run_predictions(c, day, 0, day.name)["row_id"]
+        if ref is None:
+            ref = (c.run_dir, ids)
+        elif not np.array_equal(ids, ref[1]):
+            raise RuntimeError(f"{c.run_dir} predicted other rows of {day} than {ref[0]}")
 
 
 def run(cfg: RetrainConfig, base: RunConfig, config_text: str = "") -> Path:
@@ -358,7 +350,7 @@ def run(cfg: RetrainConfig, base: RunConfig, config_text: str = "") -> Path:
     t0 = time.perf_counter()
     # one data set per out_dir: refused when the data keys (or the days on disk) changed since
     keys = ("data_dir", "inputs", "synthetic_rows", "synthetic_seed", "days", "drift", "id_turnover")
-    day_names = [day_dir(Path("."), k).name for k in range(cfg.days)]
+    day_names = day_dirs(cfg.days)
     check_data_record(cfg, root, keys=keys, subdirs=day_names)
     data = prepare_days(cfg, root)
     check_data_record(cfg, root, data, keys=keys, subdirs=day_names)
@@ -378,9 +370,7 @@ def run(cfg: RetrainConfig, base: RunConfig, config_text: str = "") -> Path:
     # train: version by version (a version reads its predecessor), single models several at a time
     unique = {c.run_dir: c for c in runs.values()}
     todo = [c for c in unique.values() if not is_done(c)]
-    progress = Progress(
-        root, [(_Spec(c), 1) for c in todo], prefix="retrain"
-    )  # ETA in runs: their sizes are alike
+    progress = Progress(root, [(c, 1) for c in todo], prefix="retrain")  # ETA in runs: their sizes are alike
     print(
         f"[retrain] {len(rows_of(cfg))} methods x {cfg.chains} chains x {len(versions(cfg))} versions: "
         f"{len(unique)} trainings ({len(unique) - len(todo)} already finished); time {progress.eta(1)}",
@@ -411,6 +401,8 @@ def run(cfg: RetrainConfig, base: RunConfig, config_text: str = "") -> Path:
                 train(c, 1)
 
     # measure: every version of every method on the day after it
+    for d in versions(cfg):
+        check_same_rows(runs, day_dir(data, d + 1))
     result_rows = {
         row.key: {"per_version": [measure_version(cfg, base, runs, data, row, d) for d in versions(cfg)]}
         for row in rows_of(cfg)
@@ -446,13 +438,6 @@ def run(cfg: RetrainConfig, base: RunConfig, config_text: str = "") -> Path:
     from recsys_codistill.study.report import write_retrain_report
 
     return write_retrain_report(root, result, config_text)
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """What :class:`~recsys_codistill.study.study.Progress` reads of a run."""
-
-    cfg: RunConfig
 
 
 def run_retrain(config: str | Path, overrides: Sequence[str] = ()) -> Path:

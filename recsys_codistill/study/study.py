@@ -431,13 +431,13 @@ class Progress:
     """One line per run started / finished, with an ETA from the seconds per training step measured so far
     (also from earlier invocations: ``timings.json`` in the study directory)."""
 
-    def __init__(self, root: Path, todo: Sequence[tuple[RunSpec, int]], prefix: str = "study") -> None:
+    def __init__(self, root: Path, todo: Sequence[tuple[RunConfig, int]], prefix: str = "study") -> None:
         self.path = root / "timings.json"
         self.prefix = prefix
         self.timings: dict[str, dict[str, float]] = (
             json.loads(self.path.read_text()) if self.path.is_file() else {}
         )
-        self.todo = {Path(r.cfg.run_dir).name: steps * r.cfg.codistill.num_groups for r, steps in todo}
+        self.todo = {Path(c.run_dir).name: steps * c.codistill.num_groups for c, steps in todo}
         self.done = 0
         self.lock = threading.Lock()
         self.t0 = time.perf_counter()
@@ -762,7 +762,7 @@ def run(spec: StudySpec) -> Path:
                     raise ConfigError(f"study point {cell_name!r}: {e}") from e
                 unique[name] = r
     todo = [(r, steps[n]) for n, r in unique.items() if not is_done(r.cfg)]
-    progress = Progress(root, todo)
+    progress = Progress(root, [(r.cfg, steps) for r, steps in todo])
     n_base = sum(1 for r, _ in todo if r.kind == "baseline")
     print(
         f"[study] {len(plan)} point(s), {study.runs} runs per method: {len(unique)} trainings "

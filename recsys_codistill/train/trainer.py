@@ -155,8 +155,7 @@ class TrainLogger:
         self.t_last = time.perf_counter()
 
     def add(self, parts: LossParts) -> None:
-        kl = parts.kl if parts.kl is not None else torch.zeros(())
-        for i, t in enumerate((parts.total, parts.bce, parts.distill, kl)):
+        for i, t in enumerate((parts.total, parts.bce, parts.distill, parts.kl)):
             self.sums[i] += t.detach()
         for name, (psi, gap) in parts.terms.items():  # other teachers (the anchor): ψ and KL
             s = self.term_sums.setdefault(name, [0.0, 0.0])
