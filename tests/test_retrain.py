@@ -61,6 +61,19 @@ def test_tiny_retrain_simulation_writes_its_report_and_resumes(tmp_path, capsys)
     # the incremental warm start trains on the new day only: about half the examples of a 2-day window
     inc = rows["warm_incremental"]["per_version"][1]["examples"]
     assert 0.35 * cold_ex < inc < 0.65 * cold_ex
+    # staleness: cold version d on day d+1+k against the fresh version of day d+k, per chain (versions 1..3,
+    # days 0..4: lag 1 from versions 1 and 2, lag 2 from version 1); the fresh side is the per-version row
+    stale = result["staleness"]
+    assert {k: len(v["pairs"]) for k, v in stale.items()} == {"1": 4, "2": 2}
+    cold_ll = {x["version"]: x["log_loss"] for x in rows["cold"]["per_version"]}
+    for k, v in stale.items():
+        for e in {r["eval_day"] for r in v["pairs"]}:
+            fresh = [r["log_loss_fresh"] for r in v["pairs"] if r["eval_day"] == e]
+            assert sum(fresh) / len(fresh) == pytest.approx(cold_ll[e - 1], abs=1e-12)
+        inc = [r["log_loss_stale"] - r["log_loss_fresh"] for r in v["pairs"]]
+        assert v["log_loss_increase"]["value"] == pytest.approx(sum(inc) / len(inc))
+        assert all(r["eval_day"] - 1 - r["version"] == int(k) and r["churn"] > 0 for r in v["pairs"])
+    assert "## Staleness (cold retrain)" in text
     # a chain's version reads its own predecessor
     runs = {p.name: load_config(p / "config.toml") for p in (out / "runs").iterdir()}
     warm2 = [c for n, c in runs.items() if n.startswith("v02-warm-")]

@@ -591,6 +591,24 @@ def write_retrain_report(root: Path, result: dict[str, Any], config_text: str) -
             for x in r["per_version"]
         ],
     )
+    stale = result.get("staleness") or {}
+    if stale:
+        lines += [
+            "",
+            "## Staleness (cold retrain)",
+            "",
+            "The cold version d served k days late, on day d+1+k, against the fresh cold version of the day "
+            "before; mean over chains and versions with a t interval (pairs share days: a guide). It is the "
+            "drift a daily retrain fights.",
+            "",
+        ]
+        lines += _table(
+            ["days late", "pairs", "log loss increase", "churn stale vs fresh"],
+            [
+                [k, str(len(v["pairs"])), _est(v["log_loss_increase"], sign=True), _est(v["churn"])]
+                for k, v in stale.items()
+            ],
+        )
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, r in rows.items():

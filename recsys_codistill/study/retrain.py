@@ -22,7 +22,9 @@ Summaries cover the versions that have a predecessor (d ≥ W), for every method
 report has
 log loss, AUC, calibration, **churn vs version d−1** (mean |p_d − p_{d−1}| on day d+1: what a launch sees,
 measured from the second version on), churn vs the independent retrain of the same day (chain 0 vs
-chain 1: the paper's churn), flip rates, and the compute spent (examples trained on, teacher forwards).
+chain 1: the paper's churn), flip rates, and the compute spent (examples trained on, teacher forwards);
+and, for the cold retrain, what serving a version k days late costs (log loss and churn against the fresh
+version: the drift of the data).
 Summaries over versions are means with a t interval over versions (versions are not independent draws,
 so read the interval as a guide), and paired differences to ``cold`` version by version.
 
@@ -330,6 +332,43 @@ def measure_version(
     return rec
 
 
+def staleness(cfg: RetrainConfig, runs: dict, data: Path) -> dict[str, Any]:
+    """What skipping retrains costs: the cold version d served k days late, on day e = d+1+k, against the
+    fresh cold version e−1 on the same day, paired by chain. Per lag k ≥ 1: the log loss difference and
+    the churn between the stale and the fresh model, each a mean over (chain, version) with a t interval
+    (pairs share days and models: a guide). This is the scale of drift a daily retrain fights; it is how
+    a synthetic world's drift is matched to real data's (``configs/retrain_synthetic.toml``)."""
+    cold = Row("cold")
+    vs = versions(cfg)
+    per: dict[int, list[dict[str, Any]]] = {}
+    for d in vs:
+        for e in range(d + 2, cfg.days):
+            day = day_dir(data, e)
+            y = run_predictions(runs[(cold.key, 0, e - 1, 0)], day, 0, day.name)["label"].astype(np.float64)
+            for c in range(cfg.chains):
+                stale, fresh = served(runs, cold, c, d, day), served(runs, cold, c, e - 1, day)
+                per.setdefault(e - 1 - d, []).append(
+                    {
+                        "chain": c,
+                        "version": d,
+                        "eval_day": e,
+                        "log_loss_stale": log_loss(y, stale),
+                        "log_loss_fresh": log_loss(y, fresh),
+                        "churn": float(np.abs(stale - fresh).mean()),
+                    }
+                )
+    out = {}
+    for k, recs in sorted(per.items()):
+        out[str(k)] = {
+            "log_loss_increase": _t_interval(
+                [r["log_loss_stale"] - r["log_loss_fresh"] for r in recs], cfg.confidence
+            ),
+            "churn": _t_interval([r["churn"] for r in recs], cfg.confidence),
+            "pairs": recs,
+        }
+    return out
+
+
 def check_same_rows(runs: dict, day: Path) -> None:
     """Every run evaluated on ``day`` predicted the same rows in the same order (they are compared by
     position)."""
@@ -432,6 +471,7 @@ def run(cfg: RetrainConfig, base: RunConfig, config_text: str = "") -> Path:
         "retrain": to_dict(cfg),
         "base_config": to_dict(base),
         "rows": result_rows,
+        "staleness": staleness(cfg, runs, data),
         "timings": {"total_s": round(time.perf_counter() - t0, 1), "runs": progress.timings},
     }
     (root / "retrain.json").write_text(json.dumps(result, indent=1))
