@@ -299,6 +299,18 @@ class AnchorConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    """How every teacher of the run (codistillation's peers, the anchor) is run: the cost side of
+    distillation (codistill/sampling.py)."""
+
+    # Fraction q of each batch's rows the teachers run on, drawn by `sampling` and importance-weighted so
+    # the distillation term stays unbiased; 1 = every row (the exact term, no draw).
+    fraction: float = ranged(1.0, gt=0, le=1)
+    # uniform, or by the student's uncertainty p(1-p) on the row (mixed with uniform to bound the weights)
+    sampling: Literal["uniform", "uncertainty"] = "uncertainty"
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = ranged(0, ge=1, zero="only at the end")
     keep_last: int = ranged(2, ge=1)
@@ -324,6 +336,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     codistill: CodistillConfig = field(default_factory=CodistillConfig)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -4,7 +4,9 @@
 
 with p̄ the average of the other groups' (stale, frozen) teacher predictions on the same batch. During
 burn-in, and with no teacher yet, the loss is plain BCE. No gradient ever flows into a teacher: teacher
-logits are detached here even if a caller forgot ``no_grad``.
+logits are detached here even if a caller forgot ``no_grad``. With sampled teacher rows
+(:mod:`recsys_codistill.codistill.sampling`) ψ is the importance-weighted sum over the drawn rows, an
+unbiased estimate of the batch mean.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys_codistill.codistill.sampling import TeacherRows
 from recsys_codistill.config import CodistillConfig
 
 
@@ -40,6 +43,8 @@ class TeacherTerm:
     weight: float
     loss: str
     logits: Sequence[torch.Tensor]
+    # the rows the teacher ran on (None: every row of the batch)
+    rows: TeacherRows | None = None
 
 
 def soft_targets(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -47,13 +52,21 @@ def soft_targets(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.sigmoid(t.detach().float()) for t in teacher_logits]).mean(0)
 
 
-def distill_term(logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
-    """ψ(teacher, student), averaged over the batch.
+def distill_term(
+    logits: torch.Tensor,
+    teacher_logits: Sequence[torch.Tensor],
+    kind: str,
+    rows: TeacherRows | None = None,
+) -> torch.Tensor:
+    """ψ(teacher, student), averaged over the batch (with ``rows``: the teachers ran on those rows only, and
+    ψ is Σ_j weight_j · ψ_j over them, unbiased for the batch mean).
 
     - ``ce``: cross entropy of the student against the soft target p̄ (the paper's choice).
     - ``kl``: KL(p̄ ‖ σ(z)) = ce − H(p̄); same gradient as ``ce``, but 0 when the student matches.
     - ``mse_logits``: mean squared error between the student's and the mean teacher logit.
     """
+    if rows is not None:
+        return (rows.weight * _per_row(logits[rows.index], teacher_logits, kind)).sum()
     if kind == "mse_logits":
         target = torch.stack([t.detach().float() for t in teacher_logits]).mean(0)
         return F.mse_loss(logits, target)
@@ -66,11 +79,26 @@ def distill_term(logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], k
     raise ValueError(f"unknown distillation loss {kind!r}; expected ce, kl or mse_logits")
 
 
-@torch.no_grad()
-def distill_gap(logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """KL(p̄ ‖ σ(z)) averaged over the batch, for logging (no gradient)."""
+def _per_row(logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
+    """ψ per row (``distill_term``'s terms before the mean)."""
+    if kind == "mse_logits":
+        target = torch.stack([t.detach().float() for t in teacher_logits]).mean(0)
+        return (logits - target) ** 2
     p = soft_targets(teacher_logits)
-    return F.binary_cross_entropy_with_logits(logits.detach().float(), p) - F.binary_cross_entropy(p, p)
+    ce = F.binary_cross_entropy_with_logits(logits, p, reduction="none")
+    if kind == "ce":
+        return ce
+    if kind == "kl":
+        return ce - F.binary_cross_entropy(p, p, reduction="none")
+    raise ValueError(f"unknown distillation loss {kind!r}; expected ce, kl or mse_logits")
+
+
+@torch.no_grad()
+def distill_gap(
+    logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor], rows: TeacherRows | None = None
+) -> torch.Tensor:
+    """KL(p̄ ‖ σ(z)) averaged over the batch (estimated from ``rows`` when sampled), for logging."""
+    return distill_term(logits.detach().float(), teacher_logits, "kl", rows)
 
 
 def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, terms: Sequence[TeacherTerm]) -> LossParts:
@@ -83,15 +111,15 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, terms: Sequenc
     for t in terms:
         if not t.logits or t.weight == 0.0:
             continue
-        psi = distill_term(logits, t.logits, t.loss)
+        psi = distill_term(logits, t.logits, t.loss, t.rows)
         if t.loss == "kl":
             kl = psi.detach()
-        elif t.loss == "ce":  # KL = CE − H(p̄): no second cross entropy on the training step
+        elif t.loss == "ce" and t.rows is None:  # KL = CE − H(p̄): no second cross entropy on the step
             with torch.no_grad():
                 p = soft_targets(t.logits)
                 kl = psi.detach() - F.binary_cross_entropy(p, p)
         else:
-            kl = distill_gap(logits, t.logits)
+            kl = distill_gap(logits, t.logits, t.rows)
         total = total + t.weight * psi
         parts[t.name] = (psi, kl)
     distill, kl = parts.pop("distill", (zero, zero))

@@ -360,7 +360,7 @@ _NEW_KEYS_AT_DEFAULT = {
     ("train", "init_group"): 0,
     ("train", "init_optimizer"): False,
 }
-_NEW_SECTIONS_AT_DEFAULT = ("anchor",)
+_NEW_SECTIONS_AT_DEFAULT = ("anchor", "teacher")
 
 
 def _canonical(d: dict[str, Any]) -> dict[str, Any]:
