@@ -79,6 +79,17 @@ def step_generator(seed: int, group: int, rank: int, step: int) -> torch.Generat
     return g
 
 
+def teacher_batch(
+    batch: Any, student_logits: torch.Tensor, fraction: float, score: str, generator_args: tuple[int, ...]
+) -> tuple[Any, TeacherRows | None]:
+    """The batch the teachers run on and its rows: ``batch`` itself for fraction ≥ 1, else the rows drawn
+    from the student's logits with ``step_generator(*generator_args)`` (seed, group, rank, step)."""
+    if fraction >= 1.0:
+        return batch, None
+    rows = draw_rows(student_logits, fraction, score, step_generator(*generator_args))
+    return take_rows(batch, rows.index), rows
+
+
 def take_kjt_rows(kjt: KeyedJaggedTensor, index: torch.Tensor) -> KeyedJaggedTensor:
     """The rows ``index`` (any order, repeats allowed) of every key of a KJT, as a new KJT of stride m."""
     keys = kjt.keys()

@@ -23,7 +23,7 @@ from models import build_model
 from recsys_codistill import dist
 from recsys_codistill.codistill.exchange import TeacherSource
 from recsys_codistill.codistill.losses import CodistillTrain, LossParts, TeacherTerm, distillation_loss
-from recsys_codistill.codistill.sampling import draw_rows, step_generator, take_rows
+from recsys_codistill.codistill.sampling import teacher_batch
 from recsys_codistill.config import ConfigError, OptimConfig, RunConfig
 from recsys_codistill.dist import DistContext
 from recsys_codistill.run_dir import RunDir
@@ -377,14 +377,12 @@ class Trainer:
         step = self.state.step
         logits = self.model(batch.dense_features, batch.sparse_features)
         # the teachers run on every row, or on rows drawn from the student's predictions (teacher.fraction)
-        rows = None
-        if self.teachers and self.cfg.teacher.fraction < 1.0:
-            g = step_generator(self.cfg.train.seed, self.group, self.ctx.rank, step)
-            rows = draw_rows(logits, self.cfg.teacher.fraction, self.cfg.teacher.sampling, g)
-        teacher_batch = batch if rows is None else take_rows(batch, rows.index)
-        terms = [
-            TeacherTerm(t.name, t.weight, t.loss, t.logits(teacher_batch, step), rows) for t in self.teachers
-        ]
+        tb, rows = batch, None
+        if self.teachers:
+            tc = self.cfg.teacher
+            draw = (self.cfg.train.seed, self.group, self.ctx.rank, step)
+            tb, rows = teacher_batch(batch, logits, tc.fraction, tc.sampling, draw)
+        terms = [TeacherTerm(t.name, t.weight, t.loss, t.logits(tb, step), rows) for t in self.teachers]
         parts = distillation_loss(logits, batch.labels, terms)
         self.optimizer.zero_grad()
         parts.total.backward()
