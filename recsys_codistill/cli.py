@@ -155,6 +155,34 @@ def _cmd_retrain(a: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    """argparse type: comma-separated integers >= 1."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _plan_types(text: str) -> list[str]:
+    from recsys_codistill.train.comm_plan import PLAN_TYPES
+
+    values = text.split(",")
+    bad = [v for v in values if v not in PLAN_TYPES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown plan type(s) {bad}; expected some of {list(PLAN_TYPES)}")
+    return values
+
+
+def _cmd_plan(a: argparse.Namespace) -> int:
+    from recsys_codistill.train.comm_plan import report
+
+    print(report(_load(a), a.ranks, a.types, measured=a.measure))
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from recsys_codistill.study.study import run_demo
 
@@ -231,6 +259,29 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             s.add_argument("--run-dir", help="shorthand for --set run_dir=...")
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser(
+        "plan",
+        help="the sharding plan, memory per rank and bytes moved per step, per plan type and rank count",
+    )
+    s.add_argument("--config")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    s.add_argument(
+        "--ranks", type=_ints, default=[1, 2, 4], help="rank counts, comma-separated (default 1,2,4)"
+    )
+    s.add_argument(
+        "--types",
+        type=_plan_types,
+        default=["table_wise", "column_wise", "data_parallel"],
+        help="plan types, comma-separated (default table_wise,column_wise,data_parallel)",
+    )
+    s.add_argument(
+        "--measure",
+        action="store_true",
+        help="also count the bytes of 3 training steps on a live gloo world per plan and rank count (starts "
+        "that many processes on this machine)",
+    )
+    s.set_defaults(fn=_cmd_plan)
 
     s = sub.add_parser("predict", help="predict a data set with one run (or an ensemble of several)")
     s.add_argument("--run", action="append", required=True, help="run directory (repeat for an ensemble)")
