@@ -308,6 +308,10 @@ class TeacherConfig:
     fraction: float = ranged(1.0, gt=0, le=1)
     # uniform, or by the student's uncertainty p(1-p) on the row (mixed with uniform to bound the weights)
     sampling: Literal["uniform", "uncertainty"] = "uncertainty"
+    # Precision of the frozen teacher copies' embedding tables: fp32 (a copy with the student's sharding
+    # plan), or fp16 / int8 (row-wise): a local copy on every rank with TorchRec's quantized tables
+    # (torchrec.quant, fbgemm IntNBit kernels), dense layers fp32. The exchanged versions stay fp32.
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
 
 
 @dataclass(frozen=True)

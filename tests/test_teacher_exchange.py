@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,10 +150,10 @@ def test_a_killed_rank_restarts_from_its_checkpoint_and_the_run_completes(data, 
     while time.time() < deadline and not list(ckpts.glob("step_*")):
         time.sleep(0.2)
     assert list(ckpts.glob("step_*")), "group 1 never checkpointed"
-    # kill -9 the worker process of group 1 (the child of its torchrun agent)
-    out = subprocess.run(
-        ["pgrep", "-f", "recsys_codistill.train.worker.*--group 1"], capture_output=True, text=True
-    ).stdout.split()
+    # kill -9 the worker process of group 1 of this run, and only of this run: its command line names this
+    # run's directory (a machine-wide match would kill any other training on the machine)
+    pattern = rf"recsys_codistill\.train\.worker --config {re.escape(str(Path(cfg.run_dir)))}.* --group 1"
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
     assert out, "no group 1 worker found"
     os.kill(int(out[-1]), signal.SIGKILL)
     assert proc.wait(timeout=300) == 0

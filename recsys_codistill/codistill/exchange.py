@@ -206,7 +206,7 @@ class PeerExchange:
     steps and serves the peers' stale copies as frozen teachers."""
 
     def __init__(
-        self, cfg: CodistillConfig, root: Path, group: int, ctx: Any, make_teacher: Callable[[], nn.Module]
+        self, cfg: CodistillConfig, root: Path, group: int, ctx: Any, make_teacher: Callable[[], Any]
     ) -> None:
         self.cfg = cfg
         # as a TeacherSource term: w · ψ(p̄ of the peers, z), logged as "distill"
@@ -215,7 +215,8 @@ class PeerExchange:
         self.ctx = ctx
         self.root = Path(root)
         self.peers = [g for g in range(self.cfg.num_groups) if g != group]
-        self.teachers: dict[int, nn.Module] = {}
+        # frozen copies (codistill/copies.py: the student's plan in fp32, or local fp16 / int8 tables)
+        self.teachers: dict[int, Any] = {}
         self.loaded: dict[int, int] = {}
         self.load_seconds = 0.0
         self.publish_seconds = 0.0
@@ -229,15 +230,10 @@ class PeerExchange:
         self.good: dict[int, set[int]] = {p: set() for p in self.peers}
         self.bad: dict[int, set[int]] = {p: set() for p in self.peers}
         group_dir(self.root, group).mkdir(parents=True, exist_ok=True)
-        # Frozen copies with the student's plan, built up front (outside no_grad: DMP's fused kernels
-        # are set up through autograd hooks). Their weights come from the first loaded version.
+        # Frozen copies built up front (outside no_grad: DMP's fused kernels are set up through autograd
+        # hooks). Their weights come from the first loaded version.
         for peer in self.peers:
-            teacher = make_teacher()
-            teacher.eval()
-            for p in teacher.parameters():
-                if p.is_leaf:  # fused tables expose non-leaf views; they only run under no_grad anyway
-                    p.requires_grad_(False)
-            self.teachers[peer] = teacher
+            self.teachers[peer] = make_teacher()
 
     # -- choosing and loading teachers -------------------------------------------------------------------
     def _verified(self, peer: int, version: int) -> bool:
@@ -333,10 +329,7 @@ class PeerExchange:
             if self.loaded.get(peer) == target:
                 continue
             t0 = time.perf_counter()
-            teacher = self.teachers[peer]
-            state = {"model": teacher.state_dict()}
-            dcp_io.load(state, version_dir(self.root, peer, target))
-            teacher.load_state_dict(state["model"])
+            self.teachers[peer].load(version_dir(self.root, peer, target))
             self.load_seconds += time.perf_counter() - t0
             self.loaded[peer] = target
             self.versions_loaded += 1

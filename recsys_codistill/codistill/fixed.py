@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recsys_codistill import dcp_io, dist
+from recsys_codistill import dist
 from recsys_codistill.config import RunConfig, load_config
 from recsys_codistill.run_dir import RunDir
 
@@ -65,9 +65,9 @@ class FixedTeacher:
         weight: float,
         loss: str,
         inputs: Any,
-        build: Callable[[RunConfig], nn.Module],
+        build: Callable[[RunConfig], Any],
     ) -> None:
-        from recsys_codistill.train.checkpoint import ModelState, check_inputs
+        from recsys_codistill.train.checkpoint import check_inputs
 
         self.name, self.weight, self.loss = name, weight, loss
         self.path = teacher_checkpoint(run_dir, group, f"{name}.run")
@@ -75,12 +75,9 @@ class FixedTeacher:
             check_inputs(self.path, inputs)
         except ValueError as e:
             raise dist.FatalError(f"{name}.run: {e}") from e
+        # a frozen copy (codistill/copies.py) of the teacher run's own model, loaded from its checkpoint
         self.model = build(load_config(RunDir(run_dir).config))
-        self.model.eval()
-        for p in self.model.parameters():
-            if p.is_leaf:
-                p.requires_grad_(False)
-        dcp_io.load({"model": ModelState(self.model)}, self.path)
+        self.model.load(self.path)
         self.forwards = 0
         # what this teacher is, for the student's checkpoints: a resumed run must distil from the same one
         self.identity = {"checkpoint": str(self.path), "manifest_sha256": _manifest_sha(self.path)}

@@ -96,6 +96,18 @@ def build_sharded(
     )
 
 
+def teacher_copy(cfg: RunConfig, ctx: DistContext, seed: int, plan=None, precision: str | None = None):  # noqa: ANN001, ANN201
+    """A frozen copy of ``cfg``'s model for a teacher source, at ``precision`` (default
+    ``cfg.teacher.precision``): fp32 as a DMP copy (``plan``: the student's, for a peer), fp16 / int8 as a
+    local copy with TorchRec's quantized tables (codistill/copies.py)."""
+    from recsys_codistill.codistill.copies import QuantizedCopy, ShardedCopy
+
+    precision = precision or cfg.teacher.precision
+    if precision == "fp32":
+        return ShardedCopy(build_sharded(cfg, ctx, seed, frozen=True, plan=plan).model)
+    return QuantizedCopy(cfg, precision, ctx.device)
+
+
 def train_stream(cfg: RunConfig, group: int, ctx: DistContext, inputs: InputMapping) -> CriteoStream:
     return CriteoStream(
         cfg.data.train_dirs,
@@ -290,7 +302,7 @@ class Trainer:
                     run.exchange(cfg.codistill.exchange_dir),
                     group,
                     ctx,
-                    lambda: build_sharded(cfg, ctx, seed, frozen=True, plan=sm.plan).model,
+                    lambda: teacher_copy(cfg, ctx, seed, sm.plan),
                 )
             )
 
@@ -306,7 +318,7 @@ class Trainer:
                     a.weight,
                     a.loss,
                     self.inputs,
-                    lambda tcfg: build_sharded(tcfg, ctx, seed, frozen=True).model,
+                    lambda tcfg: teacher_copy(tcfg, ctx, seed, None, precision=cfg.teacher.precision),
                 )
             )
 
