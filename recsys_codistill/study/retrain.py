@@ -81,9 +81,10 @@ class RetrainConfig:
     synthetic_rows: int = ranged(300_000, ge=100)
     synthetic_seed: int = ranged(0, ge=0, le=2**32 - 1)
     days: int = ranged(7, ge=3, le=100, why="a window, a version and the day after it")
-    # synthetic time structure (data_pipeline.synthetic: days, drift, id_turnover)
-    drift: float = ranged(0.3, ge=0, le=10)
-    id_turnover: float = ranged(0.02, ge=0, le=1)
+    # synthetic time structure (data_pipeline.synthetic: days, drift, id_turnover); the defaults give a cold
+    # model's staleness the order of the real Criteo sample's (configs/retrain_synthetic.toml)
+    drift: float = ranged(0.05, ge=0, le=10)
+    id_turnover: float = ranged(0.002, ge=0, le=1)
     window: int = ranged(3, ge=1)
     chains: int = ranged(2, ge=2, le=99, why="two for the churn vs an independent retrain; distinct seeds")
     methods: tuple[str, ...] = METHODS
