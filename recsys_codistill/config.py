@@ -310,7 +310,8 @@ class TeacherConfig:
     sampling: Literal["uniform", "uncertainty"] = "uncertainty"
     # Precision of the frozen teacher copies' embedding tables: fp32 (a copy with the student's sharding
     # plan), or fp16 / int8 (row-wise): a local copy on every rank with TorchRec's quantized tables
-    # (torchrec.quant, fbgemm IntNBit kernels), dense layers fp32. The exchanged versions stay fp32.
+    # (torchrec.quant, fbgemm IntNBit kernels), dense layers fp32. With fp16 / int8 the groups also publish
+    # their tables in fp16 (half the exchange bytes); an anchor's checkpoint is read as it is.
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -76,16 +78,21 @@ def test_an_int8_anchor_and_fp16_peers_train(trained, tmp_path):
         )
     )
     assert all(m["anchor_kl"] > 0 for m in metrics(tmp_path / "a") if "loss" in m)
-    run(
-        tiny_config(
-            data,
-            tmp_path / "c",
-            "codistill.num_groups=2",
-            "codistill.burn_in_steps=2",
-            "codistill.exchange_every=2",
-            'teacher.precision="fp16"',
-            "train.max_steps=8",
-        )
-    )
+    peers = ["codistill.num_groups=2", "codistill.burn_in_steps=2", "codistill.exchange_every=2"]
+    peers += ["train.max_steps=8", "codistill.keep_exchange=true"]
+    run(tiny_config(data, tmp_path / "c", *peers, 'teacher.precision="fp16"'))
     recs = [m for m in metrics(tmp_path / "c", group=1) if "loss" in m and m["step"] > 4]
     assert recs and all(m["distill_kl"] > 0 for m in recs)
+    # the groups published their tables in fp16: each version is about half an fp32 one
+    run(tiny_config(data, tmp_path / "c32", *peers))
+    size = {
+        name: sum(
+            f.stat().st_size for f in (tmp_path / name / "exchange" / "group0" / "step_00000004").iterdir()
+        )
+        for name in ("c", "c32")
+    }
+    assert 0.45 < size["c"] / size["c32"] < 0.65, size
+    manifest = json.loads(
+        (tmp_path / "c" / "exchange" / "group0" / "step_00000004" / "manifest.json").read_text()
+    )
+    assert manifest["tables"] == "fp16"

@@ -117,14 +117,37 @@ def complete_versions(root: Path, group: int, verify_checksums: bool = False) ->
     return sorted(steps)
 
 
-def publish(root: Path, group: int, step: int, model: nn.Module, plan_text: str = "") -> Path:
-    """Collective within the group: write ``model`` as version ``step`` atomically. An intact version of
-    this step already there (a restarted group re-publishing) is kept; a damaged one is replaced."""
-    state = {"model": model_state_dict(model)}
+def _tables_in(sd: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The state dict with its sharded (embedding table) tensors in ``dtype``, local shards converted in
+    place of their fp32 originals; replicated (dense) tensors stay fp32. Collective within the group."""
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+
+    out: dict[str, Any] = {}
+    for k, v in sd.items():
+        if isinstance(v, ShardedTensor) and v.dtype != dtype:
+            shards = [Shard(s.tensor.detach().to(dtype), s.metadata) for s in v.local_shards()]
+            v = ShardedTensor._init_from_local_shards(shards, v.size())
+        out[k] = v
+    return out
+
+
+def publish(
+    root: Path, group: int, step: int, model: nn.Module, plan_text: str = "", tables: str = "fp32"
+) -> Path:
+    """Collective within the group: write ``model`` as version ``step`` atomically, its embedding tables in
+    ``tables`` precision (``fp16`` halves the bytes; readers load it into fp32 or quantized copies, DCP
+    casting). An intact version of this step already there (a restarted group re-publishing) is kept; a
+    damaged one is replaced."""
+    sd = model_state_dict(model)
+    if tables == "fp16":
+        sd = _tables_in(sd, torch.float16)
+    elif tables != "fp32":
+        raise ValueError(f"exchange table precision {tables!r}: expected fp32 or fp16")
+    state = {"model": sd}
     return atomic.write_collectively(
         version_dir(root, group, step),
         KIND,
-        {"step": step, "group": group, "plan": plan_text},
+        {"step": step, "group": group, "plan": plan_text, "tables": tables},
         lambda tmp: dcp_io.save(state, tmp),
         replace=False,
     )
@@ -206,9 +229,17 @@ class PeerExchange:
     steps and serves the peers' stale copies as frozen teachers."""
 
     def __init__(
-        self, cfg: CodistillConfig, root: Path, group: int, ctx: Any, make_teacher: Callable[[], Any]
+        self,
+        cfg: CodistillConfig,
+        root: Path,
+        group: int,
+        ctx: Any,
+        make_teacher: Callable[[], Any],
+        tables: str = "fp32",
     ) -> None:
         self.cfg = cfg
+        # precision of the tables this group publishes (fp16 when the peers' copies are fp16 / int8 anyway)
+        self.tables = tables
         # as a TeacherSource term: w · ψ(p̄ of the peers, z), logged as "distill"
         self.name, self.weight, self.loss = "distill", cfg.distill_weight, cfg.loss
         self.group = group
@@ -355,7 +386,7 @@ class PeerExchange:
 
     def publish(self, model: nn.Module, step: int) -> None:
         t0 = time.perf_counter()
-        path = publish(self.root, self.group, step, model)
+        path = publish(self.root, self.group, step, model, tables=self.tables)
         self.publish_seconds += time.perf_counter() - t0
         if self.ctx.rank == 0:
             self.bytes_published += sum(f.stat().st_size for f in path.iterdir())

@@ -303,6 +303,7 @@ class Trainer:
                     group,
                     ctx,
                     lambda: teacher_copy(cfg, ctx, seed, sm.plan),
+                    tables="fp32" if cfg.teacher.precision == "fp32" else "fp16",
                 )
             )
 
