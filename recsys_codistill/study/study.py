@@ -44,6 +44,7 @@ from recsys_codistill.config import (
     CodistillConfig,
     ConfigError,
     RunConfig,
+    TeacherConfig,
     apply_overrides,
     build_section,
     check_ranges,
@@ -217,10 +218,11 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:
     check_ranges(study, str(path), "study.")
     base = from_dict(data, str(path))
     for name, sets in variants.items():
-        other = [o for o in sets if not o.strip().startswith("codistill.")]
+        other = [o for o in sets if not o.strip().startswith(("codistill.", "teacher."))]
         if other:
             raise ConfigError(
-                f"{path}: study variant {name!r} sets {other}: variants change codistillation settings only "
+                f"{path}: study variant {name!r} sets {other}: variants change codistillation and teacher "
+                "settings only "
                 "(put other settings on a [study.sweep] axis, which retrains the single model too)"
             )
     spec = StudySpec(study, base, {str(k): list(v) for k, v in variants.items()}, sweep, axis_methods)
@@ -387,8 +389,10 @@ def run_spec(study: StudyConfig, base: RunConfig, root: Path, cell: Cell, kind: 
     d["sharding"]["threads"] = d["sharding"]["threads"] or 1
     d["checkpoint"]["keep_last"] = 1  # a finished study run needs only its final model
     if kind == "baseline":
-        # a single model ignores codistillation settings: the same run serves every codistillation point
+        # a single model ignores codistillation and teacher settings: the same run serves every
+        # codistillation point
         d["codistill"] = to_dict(CodistillConfig())
+        d["teacher"] = to_dict(TeacherConfig())
     d["codistill"]["num_groups"] = 1 if kind == "baseline" else 2
     cfg = addressed(d, root / "runs", kind, f"<study run {kind} {index} of {cell.name}>")
     return RunSpec(cfg, kind, index)  # type: ignore[arg-type]
