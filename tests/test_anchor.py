@@ -135,8 +135,12 @@ def test_a_sampled_anchor_resumes_exactly_and_still_pulls(data, yesterday, tmp_p
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     recs = [m for m in metrics(tmp_path / "straight") if "loss" in m]
     assert all(m["anchor_kl"] > 0 for m in recs)
+    assert recs[-1]["anchor_rows"] == 12 * 64  # ceil(0.25 * 256) rows of each of the 12 batches
     full = tmp_path / "full"
     run(tiny_config(data, full, *sampled[:2], "train.seed=1", "train.max_steps=12"))
+    assert [m for m in metrics(full) if "loss" in m][-1]["anchor_rows"] == 12 * 256
+    wf = weights(full)
+    assert any(not torch.equal(wa[k], wf[k]) for k in wa)  # the sample is not the full batch
     cold = tmp_path / "cold"
     run(tiny_config(data, cold, "train.seed=1", "train.max_steps=12"))
     p_y = torch.sigmoid(torch.as_tensor(predictions(yesterday, data)["logit"]))

@@ -42,13 +42,34 @@ def test_the_byte_model_by_hand(cfg):
         assert dp.exchange_per_version == tw.exchange_per_version == one.exchange_per_version
 
 
+def _wide():
+    """dim 256: TorchRec's planner splits column_wise tables into several shards only from there."""
+    return load_config(None, [*TINY[:2], "model.embedding_dim=256", "model.dense_arch=[16, 256]", TINY[4]])
+
+
+def test_column_wise_shards_by_hand():
+    w, b = 2, 128
+    cw = step_bytes(_wide(), w, "column_wise")
+    shards = [s for t in cw.tables for s in t["shards"]]
+    assert len(shards) > 26  # some table really is split
+    assert all(sum(s["cols"] for s in t["shards"]) == 256 for t in cw.tables)
+    assert cw.input_dist == len(shards) * (w - 1) * b * 12  # every shard's rank gets the table's ids
+    assert cw.pooled_forward == (w - 1) * b * 26 * 256 * 4  # the columns add up to the table's
+
+
+# The counts: all-to-all carries a few bytes the model leaves out (TorchRec's per-step splits exchange,
+# 24 bytes a rank), all-reduce is exact. The issue's bound is 5%; this holds to 0.1%.
 @pytest.mark.dist
-@pytest.mark.parametrize("sharding_type", ["table_wise", "column_wise", "data_parallel"])
-def test_counted_bytes_on_two_gloo_ranks_match_the_model(cfg, sharding_type):
-    model = step_bytes(cfg, 2, sharding_type)
-    counted = measure(cfg, 2, sharding_type, steps=2)
-    assert counted["all_to_all"] == pytest.approx(model.all_to_all, rel=0.05)
-    assert counted["allreduce"] == pytest.approx(model.allreduce, rel=0.05)
+@pytest.mark.parametrize(
+    "sharding_type, wide",
+    [("table_wise", False), ("column_wise", False), ("column_wise", True), ("data_parallel", False)],
+)
+def test_counted_bytes_on_two_gloo_ranks_match_the_model(cfg, sharding_type, wide):
+    c = _wide() if wide else cfg
+    model = step_bytes(c, 2, sharding_type)
+    counted = measure(c, 2, sharding_type, steps=2)
+    assert counted["all_to_all"] == pytest.approx(model.all_to_all, rel=1e-3)
+    assert counted["allreduce"] == pytest.approx(model.allreduce, rel=1e-3)
     if sharding_type != "data_parallel":
         assert counted["all_to_all"] > 0
 

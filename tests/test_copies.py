@@ -77,12 +77,13 @@ def test_an_int8_anchor_and_fp16_peers_train(trained, tmp_path):
             "train.max_steps=8",
         )
     )
-    assert all(m["anchor_kl"] > 0 for m in metrics(tmp_path / "a") if "loss" in m)
+    recs = [m for m in metrics(tmp_path / "a") if "loss" in m]
+    assert all(m["anchor_kl"] > 0 for m in recs) and recs[-1]["anchor_precision"] == "int8"
     peers = ["codistill.num_groups=2", "codistill.burn_in_steps=2", "codistill.exchange_every=2"]
     peers += ["train.max_steps=8", "codistill.keep_exchange=true"]
     run(tiny_config(data, tmp_path / "c", *peers, 'teacher.precision="fp16"'))
     recs = [m for m in metrics(tmp_path / "c", group=1) if "loss" in m and m["step"] > 4]
-    assert recs and all(m["distill_kl"] > 0 for m in recs)
+    assert recs and all(m["distill_kl"] > 0 for m in recs) and recs[-1]["teacher_precision"] == "fp16"
     # the groups published their tables in fp16: each version is about half an fp32 one
     run(tiny_config(data, tmp_path / "c32", *peers))
     size = {

@@ -30,7 +30,7 @@ from torch import nn
 
 from recsys_codistill import atomic
 from recsys_codistill.cli import main as cli_main
-from recsys_codistill.config import CheckpointConfig, CodistillConfig
+from recsys_codistill.config import CheckpointConfig, CodistillConfig, TeacherConfig
 from recsys_codistill.run_dir import RunDir
 from recsys_codistill.train.checkpoint import (
     Checkpointer,
@@ -103,6 +103,9 @@ class _FixedTeacher:
         self.z = logits
         self.name, self.weight, self.loss = "distill", weight, "ce"  # the TeacherSource term
 
+    def wants(self, step: int) -> bool:
+        return True
+
     def logits(self, batch, step: int) -> list[torch.Tensor]:
         return [self.z]
 
@@ -127,7 +130,9 @@ def test_one_train_step_with_a_fixed_teacher_has_the_hand_computed_gradient():
     t = torch.tensor([1.0, 0.5, -0.7, 3.0])
     w, lr = 0.5, 0.1
     trainer = Trainer.__new__(Trainer)  # train_step needs only the model, optimizer, teachers and config
-    trainer.cfg = SimpleNamespace(codistill=CodistillConfig(num_groups=2, distill_weight=w, loss="ce"))
+    trainer.cfg = SimpleNamespace(
+        codistill=CodistillConfig(num_groups=2, distill_weight=w, loss="ce"), teacher=TeacherConfig()
+    )
     trainer.model = _FreeLogits(z)
     trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=lr)
     trainer.teachers = [_FixedTeacher(t, w)]

@@ -95,7 +95,12 @@ def test_the_draw_is_a_function_of_seed_group_rank_step():
     a = draw_rows(z, 0.5, "uncertainty", step_generator(3, 1, 0, 40))
     b = draw_rows(z, 0.5, "uncertainty", step_generator(3, 1, 0, 40))
     c = draw_rows(z, 0.5, "uncertainty", step_generator(3, 1, 0, 41))
+    d = draw_rows(z, 0.5, "uncertainty", step_generator(3, 0, 0, 40))
     assert torch.equal(a.index, b.index) and not torch.equal(a.index, c.index)
+    assert not torch.equal(a.index, d.index)  # another group draws other rows
+    # any seed the config allows and any step (a retrain chain's seeds are ~1e5 and up)
+    big = draw_rows(z, 0.5, "uniform", step_generator(2**32 - 1, 7, 3, 10**9))
+    assert big.index.numel() == 32
 
 
 @pytest.mark.parametrize("score", ["uniform", "uncertainty"])

@@ -169,7 +169,10 @@ def test_study_config_errors(tmp_path):
             'set = "optim.dense_lr={}"\nvalues = [0.1]\n',
             r"point 'e=0.1'\) needs at least 5 runs",
         ),
-        ('[study.variants]\nlr = ["optim.dense_lr=0.1"]\n', "variants change codistillation and teacher settings only"),
+        (
+            '[study.variants]\nlr = ["optim.dense_lr=0.1"]\n',
+            "variants change codistillation and teacher settings only",
+        ),
         ("[study]\nruns = 2\n", "study.runs"),
         ("[study]\nrepeats = 3\n", "study.repeats was removed in study v2; use study.runs"),
         ("[study]\nrepeat = 3\n", "unknown key 'study.repeat'"),

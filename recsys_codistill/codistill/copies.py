@@ -7,7 +7,7 @@
   and GPU; int8 is row-wise, each row with its own fp16 scale and bias), dense layers in fp32. The paper
   notes that distillation is "not very sensitive to the exact values of the predictions"; the teacher's
   lookups then move a half or a quarter of the bytes and need no all-to-all. Memory per rank: the whole
-  teacher at that precision.
+  teacher at that precision on the device, and, while a version loads, its fp32 weights in host memory.
 
 Either copy loads a version (a peer's exchanged model, or a checkpoint) with :func:`load`, through
 :mod:`recsys_codistill.dcp_io` (no code in it can run), from the same verified directories as before: the
@@ -88,14 +88,19 @@ class QuantizedCopy:
         from models import build_model
         from recsys_codistill.train.checkpoint import ModelState
 
-        # tables built on meta and materialised uninitialised (every weight is then read from the version);
-        # the dense part is built on the device, since it holds computed buffers (DLRM's triu indices)
-        model = build_model(**self.cfg.model.build_kwargs(), device="meta", dense_device=self.device)
+        self.model = None  # the previous version goes before the next one is read
+        cpu = torch.device("cpu")
+        # The fp32 weights are read on the host, quantized, and only the quantized model goes to the
+        # device. Tables are built on meta and materialised uninitialised (every weight is then read from
+        # the version); the dense part is built for real, since it holds computed buffers (DLRM's triu
+        # indices), under a forked RNG so that loading a teacher never moves the training's random state.
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(**self.cfg.model.build_kwargs(), device="meta", dense_device=cpu)
         for m in model.modules():
             if isinstance(m, EmbeddingBagCollection):
-                m.to_empty(device=self.device)
+                m.to_empty(device=cpu)
         dcp_io.load({"model": ModelState(model)}, path, single_process=True)
-        self.model = _freeze(quantize_tables(model, self.precision))
+        self.model = _freeze(quantize_tables(model, self.precision).to(self.device))
 
     def __call__(self, dense: torch.Tensor, sparse) -> torch.Tensor:  # noqa: ANN001
         if self.model is None:

@@ -65,6 +65,10 @@ class TeacherSource(Protocol):
 
     def start(self, model: nn.Module, step: int) -> None: ...
 
+    def wants(self, step: int) -> bool:
+        """Whether ``logits`` will run a teacher at ``step`` (so the trainer draws teacher rows only then)."""
+        ...
+
     def logits(self, batch: Any, step: int) -> list[torch.Tensor]:
         """Teacher logits on this batch (one per teacher); empty when none applies at ``step``."""
         ...
@@ -257,6 +261,7 @@ class PeerExchange:
         # the oldest teacher summed over the steps that used one
         self.versions_loaded = 0
         self.distilled_steps = 0
+        self.rows = 0  # rows the teachers ran on (teacher.fraction < 1: a sample of each batch's)
         self.staleness_sum = 0
         self.good: dict[int, set[int]] = {p: set() for p in self.peers}
         self.bad: dict[int, set[int]] = {p: set() for p in self.peers}
@@ -365,13 +370,17 @@ class PeerExchange:
             self.loaded[peer] = target
             self.versions_loaded += 1
 
+    def wants(self, step: int) -> bool:
+        return step >= self.cfg.burn_in_steps and self.cfg.distill_weight > 0.0
+
     @torch.no_grad()
     def logits(self, batch: Any, step: int) -> list[torch.Tensor]:
         """The peers' logits on this batch; none during burn-in / with w = 0."""
-        if step < self.cfg.burn_in_steps or self.cfg.distill_weight == 0.0:
+        if not self.wants(step):
             return []
         self._refresh(step)
         self.distilled_steps += 1
+        self.rows += batch.dense_features.shape[0]
         self.staleness_sum += step - min(self.loaded.values())
         return [self.teachers[p](batch.dense_features, batch.sparse_features).float() for p in self.peers]
 
@@ -443,6 +452,8 @@ class PeerExchange:
             "mean_staleness": round(self.staleness_sum / max(1, self.distilled_steps), 2),
             "teacher_versions_loaded": self.versions_loaded,
             "distilled_steps": self.distilled_steps,
+            "teacher_rows": self.rows,
+            "teacher_precision": next(iter(self.teachers.values())).precision,
             "exchange_wait_s": round(self.wait_seconds, 3),
             "exchange_load_s": round(self.load_seconds, 3),
             "exchange_publish_s": round(self.publish_seconds, 3),

@@ -79,6 +79,7 @@ class FixedTeacher:
         self.model = build(load_config(RunDir(run_dir).config))
         self.model.load(self.path)
         self.forwards = 0
+        self.rows = 0  # rows the teacher ran on (teacher.fraction < 1: a sample of each batch's)
         # what this teacher is, for the student's checkpoints: a resumed run must distil from the same one
         self.identity = {"checkpoint": str(self.path), "manifest_sha256": _manifest_sha(self.path)}
 
@@ -98,11 +99,15 @@ class FixedTeacher:
     def start(self, model: nn.Module, step: int) -> None:
         pass
 
+    def wants(self, step: int) -> bool:
+        return self.weight > 0.0
+
     @torch.no_grad()
     def logits(self, batch: Any, step: int) -> list[torch.Tensor]:
-        if self.weight == 0.0:
+        if not self.wants(step):
             return []  # λ = 0: no forward, the run is the plain baseline
         self.forwards += 1
+        self.rows += batch.dense_features.shape[0]
         return [self.model(batch.dense_features, batch.sparse_features).float()]
 
     def after_step(self, model: nn.Module, step: int) -> None:
@@ -112,4 +117,9 @@ class FixedTeacher:
         pass
 
     def metrics(self, step: int) -> dict[str, Any]:
-        return {f"{self.name}_checkpoint": str(self.path), f"{self.name}_forwards": self.forwards}
+        return {
+            f"{self.name}_checkpoint": str(self.path),
+            f"{self.name}_forwards": self.forwards,
+            f"{self.name}_rows": self.rows,
+            f"{self.name}_precision": self.model.precision,
+        }

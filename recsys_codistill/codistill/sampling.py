@@ -22,6 +22,7 @@ q = 1 is the full term itself (no draw, no reweighting).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -73,10 +74,10 @@ def draw_rows(
 
 
 def step_generator(seed: int, group: int, rank: int, step: int) -> torch.Generator:
-    """The draw's generator: a function of (seed, group, rank, step) only, so a resumed run redraws alike."""
-    g = torch.Generator()
-    g.manual_seed(((seed * 1_000_003 + group) * 1_000_003 + rank) * 1_000_003 + step)
-    return g
+    """The draw's generator: a function of (seed, group, rank, step) only, so a resumed run redraws alike
+    (hashed to 63 bits: any seed and step fit ``manual_seed``)."""
+    digest = hashlib.blake2b(f"teacher-rows/{seed}/{group}/{rank}/{step}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
 def teacher_batch(

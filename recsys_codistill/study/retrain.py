@@ -316,18 +316,20 @@ def measure_version(
         ),
     }
     # compute, from the configs and step counts (a resumed process's own counters restart at 0): every
-    # copy trains steps x batch examples; an anchor runs once per step, each codistillation copy once per
-    # step after its burn-in
+    # copy trains steps x batch examples; an anchor runs once per step, each codistillation copy's teacher
+    # once per step after its burn-in
     examples = forwards = 0
     for (key, _, v, _), c in runs.items():
         if key != row.key or v != d:
             continue
         steps, groups = run_result(c, 0)["step"], c.codistill.num_groups
         examples += groups * steps * base.data.batch_size
+        # (a teacher on a sample of each batch's rows, teacher.fraction q, counts q of a forward)
+        q = c.teacher.fraction
         if c.anchor.run and c.anchor.weight > 0:
-            forwards += steps
+            forwards += q * steps
         if groups > 1 and c.codistill.distill_weight > 0:
-            forwards += groups * max(0, steps - c.codistill.burn_in_steps)
+            forwards += q * groups * max(0, steps - c.codistill.burn_in_steps)
     rec["examples"] = int(examples / cfg.chains)
     rec["teacher_forwards"] = int(forwards / cfg.chains)
     return rec

@@ -197,8 +197,10 @@ def _ddp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 @contextlib.contextmanager
 def count_collectives(model: torch.nn.Module | None = None) -> Iterator[Counted]:
     """Count this rank's collective payloads while the block runs: ``dist.all_to_all_single`` (what
-    TorchRec's input and output dists call) and ``dist.all_reduce`` are wrapped, and a DDP comm hook on
-    ``model``'s data-parallel part counts its gradient buckets. Numerics are unchanged."""
+    TorchRec's input and output dists call) and ``dist.all_reduce`` are wrapped (restored on exit, also on
+    an error), and DDP's gradient buckets are routed through the latter by a comm hook (the default
+    all-reduce, averaged: numerics are unchanged). A DDP takes one comm hook in its life: count a model
+    once (it is a measuring tool, ``plan --measure`` and tests, not part of training)."""
     counted = Counted()
     rank, world = dist.get_rank(), dist.get_world_size()
     real_a2a, real_ar = dist.all_to_all_single, dist.all_reduce
@@ -247,9 +249,17 @@ def report(cfg: RunConfig, world_sizes: list[int], sharding_types: list[str], me
     if measured:
         head += ["counted all-to-all", "counted all-reduce", "difference"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
     for st in sharding_types:
         for w in world_sizes:
-            s = step_bytes(cfg, w, st)
+            if cfg.data.batch_size % w:
+                notes.append(f"{st}, {w} ranks: data.batch_size {cfg.data.batch_size} does not divide by {w}")
+                continue
+            try:
+                s = step_bytes(cfg, w, st)
+            except (ValueError, RuntimeError) as e:  # ConfigError is a ValueError
+                notes.append(f"{st}, {w} ranks: not plannable: {e}")
+                continue
             row = [
                 st,
                 str(w),
@@ -273,9 +283,12 @@ def report(cfg: RunConfig, world_sizes: list[int], sharding_types: list[str], me
                 else:
                     row += ["—", "—", "—"]
             lines.append("| " + " | ".join(row) + " |")
+    lines += [f"- skipped: {n}" for n in notes]
     lines += [
         "",
-        "A ring all-reduce puts 2 (W-1)/W of its buffer on the wire per rank; all-to-all payloads go once. "
+        "Memory per rank is the training model's state (no activations, no teacher copies: a codistillation "
+        "group adds one copy per peer, fp32 with the student's plan or the whole model per rank at "
+        "teacher.precision). A ring all-reduce puts 2 (W-1)/W of its buffer on the wire per rank; all-to-all payloads go once. "
         "Codistillation adds the exchange: each group writes one version every codistill.exchange_every "
         f"steps (now {cfg.codistill.exchange_every}) and its peers read it.",
     ]

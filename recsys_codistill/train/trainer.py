@@ -391,8 +391,8 @@ class Trainer:
         logits = self.model(batch.dense_features, batch.sparse_features)
         # the teachers run on every row, or on rows drawn from the student's predictions (teacher.fraction)
         tb, rows = batch, None
-        if self.teachers:
-            tc = self.cfg.teacher
+        tc = self.cfg.teacher
+        if tc.fraction < 1.0 and any(t.wants(step) for t in self.teachers):
             draw = (self.cfg.train.seed, self.group, self.ctx.rank, step)
             tb, rows = teacher_batch(batch, logits, tc.fraction, tc.sampling, draw)
         terms = [TeacherTerm(t.name, t.weight, t.loss, t.logits(tb, step), rows) for t in self.teachers]
