@@ -170,6 +170,7 @@ BAD_VALUES: dict[str, list] = {
     "train.init_group": [-1],
     "anchor.group": [-1],
     "anchor.weight": [-1.0, INF, NAN],
+    "teacher.fraction": [0.0, -0.5, 1.5, INF, NAN],
     "train.average_every": [0, -1],
     "train.ema_decay": [0, 1, 1.5, NAN],
     "codistill.num_groups": [0, -1],
