@@ -122,7 +122,9 @@ def test_planted_pickle_in_a_teacher_version_never_runs_in_the_peer(tmp_path):
     marker = tmp_path / "PWNED"
     _plant_metadata(path, marker, fix_manifest=True)
     ex = _exchange(root, exchange_every=50)
-    ex.teachers, ex.loaded, ex.load_seconds = {1: nn.Linear(3, 1)}, {}, 0.0
+    from recsys_codistill.codistill.copies import ShardedCopy
+
+    ex.teachers, ex.loaded, ex.load_seconds = {1: ShardedCopy(nn.Linear(3, 1))}, {}, 0.0
     with pytest.raises(dcp_io.UnsafeCheckpointError):
         ex._refresh(60)
     assert not marker.exists()
