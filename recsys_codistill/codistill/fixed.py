@@ -21,17 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from recsys_codistill import dist
+from recsys_codistill import atomic, dist
 from recsys_codistill.config import RunConfig, load_config
 from recsys_codistill.run_dir import RunDir
-
-
-def _manifest_sha(path: Path) -> str:
-    import hashlib
-
-    from recsys_codistill import atomic
-
-    return hashlib.sha256((path / atomic.MANIFEST).read_bytes()).hexdigest()
 
 
 def teacher_checkpoint(run_dir: str | Path, group: int, what: str) -> Path:
@@ -81,7 +73,10 @@ class FixedTeacher:
         self.forwards = 0
         self.rows = 0  # rows the teacher ran on (teacher.fraction < 1: a sample of each batch's)
         # what this teacher is, for the student's checkpoints: a resumed run must distil from the same one
-        self.identity = {"checkpoint": str(self.path), "manifest_sha256": _manifest_sha(self.path)}
+        self.identity = {
+            "checkpoint": str(self.path),
+            "manifest_sha256": atomic.sha256_file(self.path / atomic.MANIFEST),
+        }
 
     # -- per-rank checkpoint state: the teacher a run was distilling from ------------------------------
     def state_dict(self) -> dict[str, Any]:

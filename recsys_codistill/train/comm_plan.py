@@ -91,25 +91,32 @@ def _dense_state_factor(optimizer: str) -> int:
     return 2 if optimizer == "adagrad" else 3  # weights + 1 (adagrad) or 2 (adam) states
 
 
+def _with_type(cfg: RunConfig, sharding_type: str) -> RunConfig:
+    """``cfg`` with another sharding type, validated again (column_wise has its own constraints)."""
+    from recsys_codistill.config import apply_overrides, from_dict, to_dict
+
+    return from_dict(apply_overrides(to_dict(cfg), [f'sharding.sharding_type="{sharding_type}"']), "<plan>")
+
+
 def step_bytes(cfg: RunConfig, world_size: int, sharding_type: str | None = None) -> StepBytes:
     """The analytic model of one step for ``world_size`` ranks and ``sharding_type`` (default: the
     config's), from the plan TorchRec's planner makes for this model."""
     from torchrec.distributed.sharding_plan import get_default_sharders
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     from models import build_model
-    from recsys_codistill.config import apply_overrides, from_dict, to_dict
-    from recsys_codistill.train.sharding import _sparse_optimizer, make_plan, plan_summary, quiet_library_logs
+    from recsys_codistill.train.sharding import (
+        fuse_sparse_optimizer,
+        make_plan,
+        plan_summary,
+        quiet_library_logs,
+    )
 
     quiet_library_logs()
     st = sharding_type or cfg.sharding.sharding_type
-    cfg = from_dict(apply_overrides(to_dict(cfg), [f'sharding.sharding_type="{st}"']), "<plan>")
+    cfg = _with_type(cfg, st)
     b = cfg.data.batch_size // world_size
     model = build_model(**cfg.model.build_kwargs(), device="meta", dense_device=torch.device("cpu"))
-    tables = [p for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
-    cls, kwargs = _sparse_optimizer(cfg.optim)
-    apply_optimizer_in_backward(cls, tables, kwargs)
+    tables = fuse_sparse_optimizer(model, cfg.optim)
     with warnings.catch_warnings():  # the planner's dry-run storage notes: nothing a user can act on
         warnings.simplefilter("ignore")
         plan = make_plan(
@@ -132,7 +139,8 @@ def step_bytes(cfg: RunConfig, world_size: int, sharding_type: str | None = None
         for name, ps in module_plan.items():  # type: ignore[union-attr]
             rows, dim, features = shapes[name]
             if ps.sharding_type == "data_parallel":
-                out.allreduce_tables += rows * dim * FLOAT_BYTES
+                if world_size > 1:
+                    out.allreduce_tables += rows * dim * FLOAT_BYTES
                 for r in range(world_size):
                     memory[r] += _sparse_state_bytes(rows, dim, cfg.optim.sparse_optimizer)
                 out.tables.append({"table": name, "type": "data_parallel", "shards": "replicated"})
@@ -153,8 +161,6 @@ def step_bytes(cfg: RunConfig, world_size: int, sharding_type: str | None = None
     memory = [m + factor * dense_params * FLOAT_BYTES for m in memory]
     out.memory_per_rank = memory
     out.exchange_per_version = (sum(r * d for r, d, _ in shapes.values()) + dense_params) * FLOAT_BYTES
-    if world_size == 1:
-        out.input_dist = out.pooled_forward = out.pooled_backward = out.allreduce_tables = 0
     return out
 
 
@@ -301,11 +307,12 @@ def _random_batch(cfg: RunConfig, b: int, seed: int):  # noqa: ANN202
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from data_pipeline.batching import NUM_DENSE, sparse_keys
+    from data_pipeline.schema import NUM_SPARSE
 
     g = torch.Generator().manual_seed(seed)
     keys = sparse_keys(cfg.model.dense_buckets)
-    sizes = list(cfg.model.resolved_table_sizes()) + [cfg.model.dense_buckets] * (len(keys) - NUM_SPARSE_KEYS)
-    values = torch.cat([torch.randint(0, n, (b,), generator=g) for n in sizes[: len(keys)]])
+    sizes = list(cfg.model.resolved_table_sizes()) + [cfg.model.dense_buckets] * (len(keys) - NUM_SPARSE)
+    values = torch.cat([torch.randint(0, n, (b,), generator=g) for n in sizes])
     kjt = KeyedJaggedTensor(
         keys=keys, values=values, lengths=torch.ones(len(keys) * b, dtype=torch.int32), stride=b
     )
@@ -314,9 +321,6 @@ def _random_batch(cfg: RunConfig, b: int, seed: int):  # noqa: ANN202
         sparse_features=kjt,
         labels=torch.randint(0, 2, (b,), generator=g).float(),
     )
-
-
-NUM_SPARSE_KEYS = 26
 
 
 def _measure_worker(rank: int, world: int, port: int, cfg: RunConfig, steps: int, out: Any) -> None:
@@ -363,9 +367,7 @@ def measure(cfg: RunConfig, world_size: int, sharding_type: str, steps: int = 3)
 
     import torch.multiprocessing as mp
 
-    from recsys_codistill.config import apply_overrides, from_dict, to_dict
-
-    cfg = from_dict(apply_overrides(to_dict(cfg), [f'sharding.sharding_type="{sharding_type}"']), "<plan>")
+    cfg = _with_type(cfg, sharding_type)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -244,6 +244,15 @@ def reinit_embeddings(model: nn.Module, optimizer: Any, seed: int) -> None:
                     _zero_(value)
 
 
+def fuse_sparse_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> list[nn.Parameter]:
+    """Give every embedding table the sparse optimizer, applied in backward (what the sharders fuse into
+    fbgemm's kernel; the planner needs it to offer the fused kernel). Returns the table parameters."""
+    sparse_cls, sparse_kwargs = _sparse_optimizer(optim_cfg)
+    tables = [p for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
+    apply_optimizer_in_backward(sparse_cls, tables, sparse_kwargs)
+    return tables
+
+
 def shard_model(
     model: nn.Module,
     model_cfg: ModelConfig,
@@ -263,9 +272,7 @@ def shard_model(
     """
     pg = pg or dist.group.WORLD
     world_size = dist.get_world_size(pg)
-    sparse_cls, sparse_kwargs = _sparse_optimizer(optim_cfg or OptimConfig())
-    tables = [p for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
-    apply_optimizer_in_backward(sparse_cls, tables, sparse_kwargs)
+    fuse_sparse_optimizer(model, optim_cfg or OptimConfig())
     sharders = get_default_sharders()
     if plan is None:
         plan = make_plan(
